@@ -1,0 +1,54 @@
+"""Message heads shared by both codec adapters, and the checks llhttp and h11 disagree on."""
+
+from __future__ import annotations
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class RequestHead:
+    """A parsed request head. Header names keep the client's case; values are raw bytes."""
+
+    __slots__ = ("method", "target", "version", "headers", "keep_alive", "upgrade")
+
+    def __init__(self, method: bytes, target: bytes, version: bytes, headers: Headers,
+                 keep_alive: bool, upgrade: bool) -> None:
+        self.method = method        # b"GET"
+        self.target = target        # b"/path?q" (or absolute-form, RFC 9112 §3.2.2)
+        self.version = version      # b"1.1" or b"1.0"
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade      # Connection: upgrade + Upgrade present (RFC 9110 §7.8)
+
+
+class ResponseHead:
+    __slots__ = ("status", "reason", "version", "headers")
+
+    def __init__(self, status: int, reason: bytes, version: bytes, headers: Headers) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.headers = headers
+
+
+def head_end(buf: bytes | bytearray) -> int:
+    """Index just past the blank line ending a head, or -1. Accepts bare-LF endings so
+    that check_head_bytes can reject them with a precise message."""
+    i = buf.find(b"\r\n\r\n")
+    j = buf.find(b"\n\n")
+    if j != -1 and (i == -1 or j < i):
+        return j + 2
+    return -1 if i == -1 else i + 4
+
+
+def check_head_bytes(head: bytes | bytearray) -> str | None:
+    """Why this raw head must be rejected, or None. h11 accepts obs-fold (it unfolds) and
+    bare LF line endings; RFC 9112 §5.2 lets a server reject obs-fold and §2.2 lets it
+    reject bare CR, and a proxy must, or it forwards a message the next hop may frame
+    differently (request smuggling). llhttp rejects these on its own."""
+    if b"\r" in head.replace(b"\r\n", b""):
+        return "bare CR in message head"
+    if head.count(b"\n") != head.count(b"\r\n"):
+        return "bare LF in message head (lines must end with CRLF)"
+    if b"\n " in head or b"\n\t" in head:
+        return "obsolete line folding (obs-fold) in message head"
+    return None

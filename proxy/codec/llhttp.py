@@ -1,0 +1,212 @@
+"""The llhttp adapter (httptools): the default, fast codec.
+
+llhttp 9 is strict by default: it rejects Content-Length with Transfer-Encoding,
+duplicate Content-Length, bad chunk sizes, obs-fold and bare CR/LF on its own, so this
+adapter adds only what llhttp cannot know: head size limits and HEAD framing.
+
+Two llhttp gaps handled here:
+- httptools buffers a header value internally until it is complete, so a single
+  endless header would grow memory; raw bytes seen while in a head are bounded too.
+- httptools ignores on_headers_complete's return value, so it cannot be told that the
+  response to HEAD has no body (RFC 9110 §9.3.2). The parse is stopped at the head and
+  the connection marked not reusable: llhttp would otherwise read the next response as
+  this one's body.
+"""
+
+from __future__ import annotations
+
+import httptools
+
+from proxy.codec.base import RequestHead, ResponseHead
+from proxy.errors import (BadRequest, ProxyError, RequestHeadersTooLarge, ResponseHeadersTooLarge,
+                          UpstreamProtocolError)
+
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0", "0.9": b"0.9"}
+_RAW_SLACK = 256 * 1024  # one large read may carry the end of a head plus body bytes
+
+
+class _HeadOnly(Exception):
+    """Stops llhttp after the head of a response to HEAD."""
+
+
+def _unwrap(exc: httptools.HttpParserCallbackError) -> BaseException:
+    return exc.__context__ if exc.__context__ is not None else exc
+
+
+class LlhttpRequestParser:
+    __slots__ = ("_p", "_h", "_max", "_url", "_headers", "_size", "_raw", "_in_head", "_body")
+
+    def __init__(self, handler, max_head_bytes: int) -> None:
+        self._p = httptools.HttpRequestParser(self)
+        self._h = handler
+        self._max = max_head_bytes
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._size = 0
+        self._raw = 0
+        self._in_head = False
+        self._body = False
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Parse data; returns the bytes after an upgrade request's head (the start of
+        the tunnel), else None."""
+        if self._in_head:
+            self._raw += len(data)
+        try:
+            self._p.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            return data[exc.args[0]:]
+        except httptools.HttpParserCallbackError as exc:
+            raise _unwrap(exc) from None
+        except httptools.HttpParserError as exc:
+            raise BadRequest(str(exc)) from None
+        if self._in_head and self._raw > self._max + _RAW_SLACK:
+            raise RequestHeadersTooLarge(f"request head over {self._max} bytes")
+        return None
+
+    # -- httptools callbacks -----------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._size = 0
+        self._raw = 0
+        self._in_head = True
+        self._body = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._size += len(url)
+        if self._size > self._max:
+            raise RequestHeadersTooLarge(f"request target over {self._max} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._size += len(name) + len(value) + 4
+        if self._size > self._max:
+            raise RequestHeadersTooLarge(f"request head over {self._max} bytes")
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        p = self._p
+        self._in_head = False
+        self._body = True
+        head = RequestHead(p.get_method(), self._url, _VERSIONS.get(p.get_http_version(), b"1.1"),
+                           self._headers, p.should_keep_alive(), p.should_upgrade())
+        self._headers = []  # later on_header calls are trailers
+        self._h.on_request_head(head)
+
+    def on_body(self, data: bytes) -> None:
+        self._h.on_request_body(data)
+
+    def on_message_complete(self) -> None:
+        trailers, self._headers = self._headers, []
+        self._h.on_request_end(trailers)
+
+
+class LlhttpResponseParser:
+    __slots__ = ("_p", "_h", "_max", "_reason", "_headers", "_size", "_raw", "_in_head",
+                 "_head_only", "_interim", "_close_delimited", "_started", "reusable")
+
+    def __init__(self, handler, max_head_bytes: int) -> None:
+        self._p = httptools.HttpResponseParser(self)
+        self._h = handler
+        self._max = max_head_bytes
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._size = 0
+        self._raw = 0
+        self._in_head = False
+        self._head_only = False
+        self._interim = False
+        self._close_delimited = False
+        self._started = False
+        self.reusable = True  # False once this connection cannot carry another exchange
+
+    def start(self, method: bytes) -> None:
+        """A request was sent; the next response answers it."""
+        self._head_only = method == b"HEAD"
+        self._started = False
+        self._in_head = True
+        self._raw = 0
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Parse data; returns the bytes after a 101 response's head, else None."""
+        if self._in_head:
+            self._raw += len(data)
+        try:
+            self._p.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            return data[exc.args[0]:]
+        except httptools.HttpParserCallbackError as exc:
+            inner = _unwrap(exc)
+            if isinstance(inner, _HeadOnly):
+                self.reusable = False
+                return None
+            raise inner from None
+        except httptools.HttpParserError as exc:
+            self.reusable = False
+            raise UpstreamProtocolError(f"invalid response: {exc}") from None
+        if self._in_head and self._raw > self._max + _RAW_SLACK:
+            self.reusable = False
+            raise ResponseHeadersTooLarge(f"response head over {self._max} bytes")
+        return None
+
+    def feed_eof(self) -> bool:
+        """The upstream closed. True when that ends a close-delimited body (RFC 9112 §6.3
+        rule 8); the caller treats any other EOF as a failure."""
+        self.reusable = False
+        if self._close_delimited:
+            self._close_delimited = False
+            self._h.on_response_end([])
+            return True
+        return False
+
+    # -- httptools callbacks -----------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._reason = b""
+        self._headers = []
+        self._size = 0
+        self._in_head = True
+        self._started = True
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._size += len(name) + len(value) + 4
+        if self._size > self._max:
+            self.reusable = False
+            raise ResponseHeadersTooLarge(f"response head over {self._max} bytes")
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        p = self._p
+        status = p.get_status_code()
+        self._in_head = False
+        headers, self._headers = self._headers, []
+        self._interim = status < 200
+        if not p.should_keep_alive():
+            self.reusable = False
+        head = ResponseHead(status, self._reason, _VERSIONS.get(p.get_http_version(), b"1.1"), headers)
+        if self._interim:
+            self._in_head = True  # the final response head follows
+            self._h.on_response_head(head)
+            return
+        no_body = self._head_only or status in (204, 304)
+        if not no_body:
+            self._close_delimited = not any(
+                n.lower() in (b"content-length", b"transfer-encoding") for n, _ in headers)
+        self._h.on_response_head(head)
+        if self._head_only:
+            self._h.on_response_end([])
+            raise _HeadOnly
+
+    def on_body(self, data: bytes) -> None:
+        self._h.on_response_body(data)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        self._close_delimited = False
+        trailers, self._headers = self._headers, []
+        self._h.on_response_end(trailers)

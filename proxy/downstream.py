@@ -1,0 +1,300 @@
+"""The client side: one asyncio.Protocol per client connection.
+
+It drives the request codec, starts one forward() task per request, answers malformed
+requests itself (400/408/413/431 with Proxy-Status), and owns the client's one timer:
+    IDLE   keep-alive, waiting for a request     client_idle    -> close quietly
+    HEAD   first bytes of a head seen            client_header  -> 408
+    BUSY   a request in flight; while its body is being read, client_idle is the longest
+           silence (-> 408, or abort once the response started); while the client does
+           not read our writes, client_idle is the longest stall (-> abort)
+Pipelined requests are answered in order (RFC 9112 §9.3.2): later ones wait in a
+queue while reading pauses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from diagnostics.causes import INFO, Cause
+from proxy import headers as H
+from proxy.codec import make_request_parser
+from proxy.errors import ClientFault, ClientTimeout, ProxyError, RequestBodyTooLarge
+from proxy.exchange import Exchange
+from proxy.flow import HIGH_WATER, LOW_WATER, QUEUED, Deadline, ReadGate
+from proxy.forward import forward
+
+IDLE, HEAD, BUSY = "idle", "head", "busy"
+
+
+class DownstreamProtocol(asyncio.Protocol):
+    __slots__ = ("proxy", "loop", "transport", "gate", "client_ip", "_parser", "_timer", "state",
+                 "current", "receiving", "queue", "closing", "_wbuf", "_write_paused", "_eof",
+                 "_closed", "_tunnel")
+
+    def __init__(self, proxy) -> None:
+        self.proxy = proxy
+        self.loop = proxy.loop
+        self.transport: asyncio.Transport | None = None
+        self.gate: ReadGate | None = None
+        self.client_ip = b"unknown"
+        self._parser = make_request_parser(proxy.parser_kind, self,
+                                           proxy.cfg.limits.max_request_header_bytes)
+        self._timer = Deadline(self.loop, self._on_deadline)
+        self.state = IDLE
+        self.current: Exchange | None = None     # the exchange whose response is being served
+        self.receiving: Exchange | None = None   # the exchange whose request is being read
+        self.queue: deque[Exchange] = deque()
+        self.closing = False                     # answer what is in flight, then close
+        self._wbuf: list[bytes] = []
+        self._write_paused = False
+        self._eof = False
+        self._closed = False
+        self._tunnel: Exchange | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.gate = ReadGate(transport)
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.client_ip = str(peer[0]).encode()
+        proxy = self.proxy
+        if len(proxy.connections) >= proxy.cfg.limits.max_client_connections:
+            transport.abort()  # over the cap: refuse before reading anything
+            return
+        proxy.connections.add(self)
+        if proxy.draining:
+            self.closing = True
+        # The first request gets client_header from the moment the connection opens.
+        self.state = HEAD
+        self._timer.set(self.loop.time() + proxy.cfg.timeouts.client_header)
+
+    def data_received(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel_send(data)
+            return
+        if self.state is IDLE:
+            self.state = HEAD
+            self._timer.set(self.loop.time() + self.proxy.cfg.timeouts.client_header)
+        try:
+            rest = self._parser.feed(data)
+        except ClientFault as exc:
+            self._reject(exc)
+            return
+        except ProxyError as exc:  # raised by an exchange while taking body bytes
+            self._reject(exc)
+            return
+        if rest is not None:
+            self._await_tunnel(rest)
+        self.flush()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        if self.current is None and not self.queue:
+            return False  # nothing in flight: close
+        return True       # half-close: keep writing the answer, then close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._timer.cancel()
+        proxy = self.proxy
+        proxy.connections.discard(self)
+        if proxy.draining and not proxy.connections:
+            proxy.all_closed.set()
+        for ex in (self.current, *self.queue):
+            if ex is not None and not ex.finished and ex.task is not None:
+                ex.task.cancel()
+        if self._tunnel is not None:
+            self._tunnel.detach()
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.current is not None:
+            self.current.pause_upstream_reading()
+        self._timer.set(self.loop.time() + self.proxy.cfg.timeouts.client_idle)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.current is not None:
+            self.current.resume_upstream_reading()
+        self._rearm()
+
+    # -- codec events ------------------------------------------------------------------
+    def on_request_head(self, head) -> None:
+        proxy = self.proxy
+        info = H.scan_request(head, proxy.proxy_name_b)
+        ex = Exchange(self, head, info, self.loop.time())
+        self.receiving = ex
+        limit = proxy.cfg.limits.max_request_body_bytes
+        if limit and info.framing == H.LENGTH and info.content_length > limit:
+            raise RequestBodyTooLarge(f"Content-Length {info.content_length} over "
+                                      f"limits.max_request_body_bytes = {limit}")
+        self.state = BUSY
+        self._rearm()
+        if self.current is None:
+            self._start(ex)
+        else:
+            self.queue.append(ex)
+            self.gate.pause(QUEUED)
+
+    def on_request_body(self, data: bytes) -> None:
+        ex = self.receiving
+        limit = self.proxy.cfg.limits.max_request_body_bytes
+        if limit and ex.body_received + len(data) > limit:
+            raise RequestBodyTooLarge(f"request body over limits.max_request_body_bytes = {limit}")
+        self._timer.extend(self.loop.time() + self.proxy.cfg.timeouts.client_idle)
+        ex.on_client_body(data)
+
+    def on_request_end(self, trailers) -> None:
+        self.receiving.on_client_end(trailers)
+        self._rearm()
+
+    # -- serving -----------------------------------------------------------------------
+    def _start(self, ex: Exchange) -> None:
+        self.current = ex
+        ex.task = self.loop.create_task(forward(self.proxy, ex))
+
+    def exchange_done(self, ex: Exchange) -> None:
+        """The whole response for `ex` has been handed to the transport."""
+        self.flush()
+        if ex is not self.current:
+            return
+        self.current = None
+        if self._closed:
+            return
+        if not ex.keep_alive or self.closing or self._eof or not ex.body_complete:
+            self.close()
+            return
+        if self.queue:
+            nxt = self.queue.popleft()
+            if not self.queue:
+                self.gate.resume(QUEUED)
+            self._start(nxt)
+            return
+        if self.receiving is ex:
+            self.state = IDLE
+        self._rearm()
+
+    def send_error(self, ex: Exchange | None, exc: ProxyError) -> None:
+        """Answer with a gatewise-generated error (never after a response head)."""
+        proxy = self.proxy
+        keep_alive = (ex is not None and ex.keep_alive and ex.body_complete and not self.closing
+                      and not isinstance(exc, ClientFault))
+        data = proxy.error_response(ex, exc, keep_alive=keep_alive)
+        if ex is not None:
+            ex.committed = True
+            ex.finished = True
+            ex.keep_alive = keep_alive
+        self.out(data)
+        if ex is not None:
+            self.exchange_done(ex)
+        else:
+            self.flush()
+            self.close()
+
+    def _reject(self, exc: ProxyError) -> None:
+        """A request the codec or the limits refused: answer if we still can, then close."""
+        self.gate.pause(QUEUED)  # read no more from this client
+        ex = self.receiving if self.receiving is not None and not self.receiving.finished else None
+        if ex is not None and ex.task is not None:
+            ex.task.cancel()
+            ex.detach()
+        if ex is not None and ex.committed:
+            self.proxy.record(ex, exc)
+            self.abort()
+            return
+        self.proxy.record(ex, exc)
+        self.closing = True
+        data = self.proxy.error_response(ex, exc, keep_alive=False)
+        if ex is not None:
+            ex.finished = True
+        self.queue.clear()
+        self.current = None
+        self.out(data)
+        self.flush()
+        self.close()
+
+    # -- tunnel (Upgrade) ------------------------------------------------------------
+    def _await_tunnel(self, rest: bytes) -> None:
+        """An upgrade request's head is parsed: hold any bytes after it until the
+        upstream agrees (101) or answers normally (then the connection closes after)."""
+        ex = self.receiving
+        if rest:
+            ex.body_chunks.append(rest)
+            ex.body_size += len(rest)
+        self.gate.pause(QUEUED)
+        ex.keep_alive = False
+
+    def open_tunnel(self, ex: Exchange, upstream_rest: bytes) -> None:
+        self._tunnel = ex
+        self._timer.set(None)
+        if upstream_rest:
+            self.out(upstream_rest)
+        self.flush()
+        self.gate.resume(QUEUED)
+
+    def _tunnel_send(self, data: bytes) -> None:
+        conn = self._tunnel.conn
+        if conn is not None:
+            conn.transport.write(data)
+
+    # -- output ---------------------------------------------------------------------------
+    def out(self, data: bytes) -> None:
+        self._wbuf.append(data)
+
+    def flush(self) -> None:
+        buf = self._wbuf
+        if buf and not self._closed:
+            if len(buf) == 1:
+                self.transport.write(buf[0])
+            else:
+                self.transport.writelines(buf)
+            self._wbuf = []
+
+    def close(self) -> None:
+        self.flush()
+        if not self._closed and self.transport is not None:
+            self.transport.close()  # flushes what is buffered, then closes
+
+    def abort(self) -> None:
+        self._wbuf = []
+        if self.transport is not None:
+            self.transport.abort()
+
+    def drain(self) -> None:
+        """Graceful shutdown: close now when idle, else after the response in flight."""
+        self.closing = True
+        if self.current is None and self.state is not BUSY:
+            self.close()
+
+    # -- timer ----------------------------------------------------------------------------
+    def _rearm(self) -> None:
+        t = self.proxy.cfg.timeouts
+        now = self.loop.time()
+        if self._write_paused:
+            self._timer.set(now + t.client_idle)
+        elif self.state is IDLE:
+            self._timer.set(now + t.client_idle)
+        elif self.receiving is not None and not self.receiving.body_complete:
+            self._timer.set(now + t.client_idle)
+        else:
+            self._timer.set(None)
+
+    def _on_deadline(self) -> None:
+        t = self.proxy.cfg.timeouts
+        if self._write_paused:
+            if self.current is not None:
+                self.proxy.record(self.current, ClientTimeout(
+                    f"client read nothing for {t.client_idle:g} s (timeouts.client_idle)"))
+            self.abort()
+        elif self.state is IDLE:
+            self.close()
+        elif self.state is HEAD:
+            self._reject(ClientTimeout(f"no complete request head within {t.client_header:g} s "
+                                       f"(timeouts.client_header)"))
+        else:
+            self._reject(ClientTimeout(f"request body stalled for {t.client_idle:g} s "
+                                       f"(timeouts.client_idle)"))

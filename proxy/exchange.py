@@ -1,0 +1,208 @@
+"""One request/response exchange: the callback plumbing between a client connection
+(downstream.py) and the upstream connection of the current attempt (upstream_conn.py).
+
+Bytes move by plain method calls in both directions; the only await per request is in
+forward.py, which waits for `wait()` to finish or fail.
+
+Rules:
+- The request body is framed once, as it arrives, and kept while it is small
+  (REPLAY_LIMIT) so a failed attempt can be replayed on another server. A larger body
+  that has started to flow cannot be replayed: that attempt is final.
+- The response is committed when its head is written to the client. After that there
+  is no retry and no error page: a failure aborts the client connection (STYLE §4),
+  because a clean end would hide the cut.
+- Backpressure: when the client's buffer is full, reading from the upstream pauses;
+  when the upstream's buffer is full, reading from the client pauses (flow.ReadGate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from proxy import headers as H
+from proxy.errors import AfterHead, ProxyError, ResponseIncomplete
+from proxy.flow import BUFFERING, HIGH_WATER, PEER_FULL
+
+# Request bodies up to this size are kept for a retry on another server.
+REPLAY_LIMIT = 64 * 1024
+
+
+class Exchange:
+    __slots__ = ("client", "head", "info", "target", "started", "task", "conn", "_waiter",
+                 "body_chunks", "body_size", "body_received", "body_complete", "replayable",
+                 "committed", "finished", "framing", "keep_alive", "status", "attempts",
+                 "race_retries", "tunnel", "route_pool")
+
+    def __init__(self, client, head, info: H.RequestInfo, started: float) -> None:
+        self.client = client
+        self.head = head
+        self.info = info
+        self.target = head.target
+        self.started = started
+        self.task: asyncio.Task | None = None
+        self.conn = None
+        self._waiter: asyncio.Future | None = None
+        # request body
+        self.body_chunks: list[bytes] = []   # framed, as the upstream will see them
+        self.body_size = 0
+        self.body_received = 0
+        self.body_complete = info.framing == H.NO_BODY and not head.upgrade
+        self.replayable = True
+        # response
+        self.committed = False
+        self.finished = False
+        self.framing = H.NO_BODY
+        self.keep_alive = head.keep_alive
+        self.status = 0
+        self.attempts: list[dict] = []
+        self.race_retries = 0
+        self.tunnel = False
+        self.route_pool: str | None = None
+
+    # -- request body, from the client ------------------------------------------------
+    def on_client_body(self, data: bytes) -> None:
+        self.body_received += len(data)
+        if self.info.framing == H.CHUNKED:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        self._body_out(data)
+
+    def on_client_end(self, trailers) -> None:
+        if self.info.framing == H.CHUNKED:
+            self._body_out(H.trailer_block(trailers))
+        self.body_complete = True
+        conn = self.conn
+        if conn is not None:
+            conn.send_done()
+        self.client.gate.resume(BUFFERING)
+
+    def _body_out(self, data: bytes) -> None:
+        if self.replayable:
+            self.body_chunks.append(data)
+            self.body_size += len(data)
+        conn = self.conn
+        if conn is not None:
+            conn.send(data)
+            if self.body_size > REPLAY_LIMIT:
+                self._drop_replay()
+        elif self.body_size > HIGH_WATER:  # no upstream yet: hold a bounded amount
+            self.client.gate.pause(BUFFERING)
+
+    def _drop_replay(self) -> None:
+        self.replayable = False
+        self.body_chunks = []
+
+    # -- attempts, from forward.py -------------------------------------------------------
+    def begin(self, conn, head_bytes: bytes) -> asyncio.Future:
+        """Send the request on conn; the future completes with the response or fails."""
+        self.conn = conn
+        self._waiter = fut = asyncio.get_running_loop().create_future()
+        body = b"".join(self.body_chunks)
+        conn.begin(self, self.head.method, head_bytes + body if body else head_bytes, self.body_complete)
+        if self.body_size > REPLAY_LIMIT:
+            self._drop_replay()
+        self.client.gate.resume(BUFFERING)
+        return fut
+
+    def detach(self) -> None:
+        """The attempt is over without a response (failure or cancellation)."""
+        conn, self.conn = self.conn, None
+        if conn is not None and conn.exchange is self:
+            conn.exchange = None
+            conn.close()
+
+    # -- response, from the upstream connection ----------------------------------------
+    def on_upstream_head(self, conn, head) -> None:
+        client = self.client
+        proxy = client.proxy
+        status = head.status
+        if status < 200:
+            if status == 101 and self.head.upgrade:
+                plan = H.plan_response(head, request_method=self.head.method,
+                                       client_version=self.head.version, client_keep_alive=False,
+                                       request_id=self.info.request_id.encode(), via=proxy.via,
+                                       proxy_status=None)
+                self.committed = True
+                self.status = 101
+                client.out(plan.head)
+            elif self.head.version == b"1.1":  # RFC 9110 §15.2: forward 1xx to 1.1 clients
+                client.out(H.plan_response(head, request_method=self.head.method,
+                                           client_version=b"1.1", client_keep_alive=True,
+                                           request_id=b"", via=proxy.via, proxy_status=None).head)
+            return
+        proxy_status = None
+        if status >= 500:
+            proxy_status = proxy.received_status_member(conn.server.address, status)
+        plan = H.plan_response(head, request_method=self.head.method, client_version=self.head.version,
+                               client_keep_alive=self.keep_alive and not client.closing,
+                               request_id=self.info.request_id.encode(), via=proxy.via,
+                               proxy_status=proxy_status)
+        self.committed = True
+        self.status = status
+        self.framing = plan.framing
+        self.keep_alive = plan.keep_alive
+        conn.keepalive_timeout = plan.keepalive_timeout
+        conn.upstream_keep_alive = plan.upstream_keep_alive
+        client.out(plan.head)
+
+    def on_upstream_body(self, data: bytes) -> None:
+        if self.framing == H.CHUNKED:
+            self.client.out(b"%x\r\n" % len(data))
+            self.client.out(data)
+            self.client.out(b"\r\n")
+        else:
+            self.client.out(data)
+
+    def on_upstream_end(self, conn, trailers) -> None:
+        if self.framing == H.CHUNKED:
+            self.client.out(H.trailer_block(trailers))
+        self.finished = True
+        self.conn = None
+        self.client.proxy.release(conn, self.body_complete)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        self.client.exchange_done(self)
+
+    def on_upstream_failed(self, conn, exc: ProxyError) -> None:
+        if conn is not self.conn:
+            return
+        self.conn = None
+        if self.committed and not isinstance(exc, AfterHead):
+            exc = ResponseIncomplete(f"{exc.detail} (after the response head was forwarded)",
+                                     upstream=exc.upstream)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(exc)
+
+    # -- tunnel (Upgrade, RFC 9110 §7.8) ---------------------------------------------------
+    def on_tunnel_open(self, conn, rest: bytes) -> None:
+        self.tunnel = True
+        self.client.open_tunnel(self, rest)
+
+    def on_tunnel_data(self, data: bytes) -> None:
+        self.client.out(data)
+        self.client.flush()
+
+    def on_tunnel_eof(self, conn) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        self.finished = True
+        self.client.close()
+
+    # -- flow control ------------------------------------------------------------------------
+    def pause_client_reading(self) -> None:
+        self.client.gate.pause(PEER_FULL)
+
+    def resume_client_reading(self) -> None:
+        self.client.gate.resume(PEER_FULL)
+
+    def pause_upstream_reading(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.pause_for_client()
+
+    def resume_upstream_reading(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.resume_for_client()
+
+    def flush(self) -> None:
+        self.client.flush()

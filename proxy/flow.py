@@ -1,0 +1,105 @@
+"""Flow-control primitives shared by both sides of the proxy.
+
+- Deadline: one timer per connection, rescheduled lazily against an absolute deadline
+  (aiohttp's keep-alive handling): moving a deadline later is an attribute write, not a
+  timer cancel/create, so refreshing it on every body chunk costs almost nothing.
+- ReadGate: pause_reading/resume_reading with reasons, so that independent reasons to
+  stop reading (the other side's buffer is full, pipelined requests are queued) never
+  resume each other's pause. Pause and resume are idempotent per reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+# Write-buffer watermarks for every transport gatewise owns. 64 KiB high water keeps the
+# bytes held per direction per connection small (backpressure target: a slow client
+# costs a bounded amount of memory) while still letting a 256 KiB socket buffer fill.
+HIGH_WATER = 64 * 1024
+LOW_WATER = 16 * 1024
+
+
+class Deadline:
+    __slots__ = ("_loop", "_callback", "_when", "_handle", "_at")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self._loop = loop
+        self._callback = callback
+        self._when: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = 0.0
+
+    def set(self, when: float | None) -> None:
+        """Arm for absolute loop time `when` (None disarms)."""
+        self._when = when
+        if when is None:
+            return
+        handle = self._handle
+        if handle is None:
+            self._at = when
+            self._handle = self._loop.call_at(when, self._fire)
+        elif self._at > when:  # earlier than the pending timer: reschedule now
+            handle.cancel()
+            self._at = when
+            self._handle = self._loop.call_at(when, self._fire)
+
+    def extend(self, when: float) -> None:
+        """Move the deadline later: the hot-path case, one attribute write."""
+        if self._handle is not None and when >= self._at:
+            self._when = when
+        else:
+            self.set(when)
+
+    def cancel(self) -> None:
+        self._when = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        when = self._when
+        if when is None:
+            return
+        if self._loop.time() < when:  # pushed later since scheduling: sleep again
+            self._at = when
+            self._handle = self._loop.call_at(when, self._fire)
+            return
+        self._when = None
+        self._callback()
+
+
+# Reasons to stop reading from a transport.
+PEER_FULL = 1    # the other side's write buffer is over high water
+QUEUED = 2       # pipelined requests wait behind the one in flight
+BUFFERING = 4    # request body bytes held while no upstream connection is ready
+
+
+class ReadGate:
+    __slots__ = ("_transport", "_reasons")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._reasons = 0
+
+    def pause(self, reason: int) -> None:
+        if not self._reasons:
+            try:
+                self._transport.pause_reading()
+            except (RuntimeError, AttributeError):  # closing transport
+                pass
+        self._reasons |= reason
+
+    def resume(self, reason: int) -> None:
+        if self._reasons & reason:
+            self._reasons &= ~reason
+            if not self._reasons:
+                try:
+                    self._transport.resume_reading()
+                except (RuntimeError, AttributeError):
+                    pass
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._reasons)

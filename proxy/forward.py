@@ -1,0 +1,142 @@
+"""The attempt loop: route -> pick -> lease -> send -> stream, with retries.
+
+Retry rules (nginx proxy_next_upstream, Envoy retry policies, RFC 9110 §9.2.2):
+- Up to `retries` extra attempts, each on a server not tried yet when one exists.
+- Never once the response head went to the client.
+- A connect-phase failure (BeforeSend) is always retried: nothing was sent.
+- Any later failure is retried only for idempotent methods (or every method with
+  `retry_non_idempotent`), and only while the request body is still replayable.
+- The keep-alive race: a request that fails on a *reused* pooled connection before any
+  response byte arrives is retried once on a fresh connection to the same server when
+  it is idempotent. That retry does not use up `retries`, is counted in the recorder,
+  and never reaches the client as a 502. (A pooled connection already seen closed is
+  never leased, so a non-idempotent request only meets the race when the close crosses
+  our write on the wire, which nothing can prove harmless.)
+- The error reported is the last attempt's cause, with every attempt listed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import traceback
+
+from diagnostics.causes import INFO, Cause
+from diagnostics.classify import classify
+from proxy import headers as H
+from proxy.errors import (AwaitingHead, BeforeSend, ClientDisconnected, LoopDetected, NoRoute,
+                          NoServerAvailable, ProxyError)
+from proxy.logs import log_event
+from proxy.router import split_target, rewrite_target
+
+
+def _may_retry(exc: ProxyError, ex, retry_non_idempotent: bool) -> bool:
+    if ex.committed or not ex.replayable:
+        return False
+    if isinstance(exc, BeforeSend):
+        return True
+    if isinstance(exc, AwaitingHead):
+        return ex.info.idempotent or retry_non_idempotent
+    return False
+
+
+async def forward(proxy, ex) -> None:
+    """Serve one exchange to completion: a forwarded response, or an error response."""
+    loop = proxy.loop
+    try:
+        await _forward(proxy, ex, loop)
+    except asyncio.CancelledError:
+        # The client went away (downstream.connection_lost cancels us).
+        ex.detach()
+        proxy.record(ex, ClientDisconnected("client closed the connection"))
+    except ProxyError as exc:
+        ex.detach()
+        if exc.cause is Cause.CLIENT_DISCONNECTED:
+            proxy.record(ex, exc)
+        elif ex.committed:
+            ex.client.abort()  # never a clean end that hides the cut
+            proxy.record(ex, exc)
+        else:
+            ex.client.send_error(ex, exc)
+    except Exception as exc:  # a bug in gatewise: answer 500 proxy_internal_error
+        ex.detach()
+        log_event("internal_error", request_id=ex.info.request_id, error=repr(exc),
+                  traceback=traceback.format_exc())
+        if ex.committed:
+            ex.client.abort()
+        else:
+            ex.client.send_error(ex, ProxyError(f"internal error: {type(exc).__name__}"))
+
+
+async def _forward(proxy, ex, loop) -> None:
+    info = ex.info
+    if info.looped:
+        raise LoopDetected(f"Via already names {proxy.cfg.diagnostics.proxy_name}")
+    authority, path = split_target(ex.head.target)
+    host = authority if authority is not None else info.host
+    route = proxy.router.match(host, path)
+    if route is None:
+        raise NoRoute(f"no route for host {(host or b'').decode('latin-1')!r} "
+                      f"path {path[:200].decode('latin-1')!r}")
+    pool = proxy.pools[route.pool]
+    ex.route_pool = pool.name
+    ex.target = rewrite_target(route, path)
+    head_bytes = H.build_request_head(ex.head, info, target=ex.target, client_ip=ex.client.client_ip,
+                                      proto=b"http", via=proxy.via)
+    tried: list = []
+    allowed = 1 + pool.retries
+    while True:
+        now = loop.time()
+        server = pool.balancer.pick(now, tried)
+        if server is None and tried:
+            server = pool.balancer.pick(now)  # every server tried: retry on one again
+        if server is None:
+            raise NoServerAvailable(f"no available server in pool {pool.name!r}")
+        try:
+            await _attempt(proxy, pool, server, ex, head_bytes, loop)
+            return
+        except ProxyError as exc:
+            if exc.cause is Cause.CLIENT_DISCONNECTED:
+                raise
+            if len(ex.attempts) >= allowed or not _may_retry(exc, ex, pool.retry_non_idempotent):
+                raise
+            proxy.recorder.retries_total += 1
+            tried.append(server)
+
+
+async def _attempt(proxy, pool, server, ex, head_bytes: bytes, loop) -> None:
+    started = loop.time()
+    server.on_attempt_start()
+    conn = proxy.lease(pool, server, started)
+    race_retry = True
+    try:
+        while True:
+            if conn is None:
+                conn = await proxy.connect(pool, server)
+            try:
+                await ex.begin(conn, head_bytes)
+                proxy.on_success(server, loop.time() - started)
+                return
+            except AwaitingHead:
+                if (race_retry and conn.reused and not conn.bytes_seen and ex.replayable
+                        and (ex.info.idempotent or pool.retry_non_idempotent)):
+                    race_retry = False
+                    ex.race_retries += 1
+                    proxy.recorder.keepalive_race_retries += 1
+                    ex.detach()
+                    conn = None
+                    continue
+                raise
+    except ProxyError as exc:
+        _note_attempt(ex, server, exc, loop.time() - started, now=loop.time())
+        if exc.cause is not Cause.CLIENT_DISCONNECTED and INFO[exc.cause].blames_upstream:
+            server.on_failure(INFO[exc.cause].token, exc.detail, loop.time())
+        raise
+    finally:
+        server.on_attempt_end()
+        if not ex.finished:
+            ex.detach()
+
+
+def _note_attempt(ex, server, exc: ProxyError, elapsed: float, now: float) -> None:
+    ex.attempts.append({"server": server.address, "error": INFO[classify(exc)].token,
+                        "details": exc.detail, "elapsed_ms": round(elapsed * 1000, 1)})

@@ -1,0 +1,273 @@
+"""Pure header rewriting for both directions (no I/O).
+
+Rules (RFC 9110 §7.6.1, RFC 9112 §6-7):
+- Hop-by-hop fields are removed: Connection, Keep-Alive, Proxy-Connection, TE, Trailer,
+  Transfer-Encoding (gatewise re-frames every body), Upgrade (unless tunnelling), and
+  every field named in Connection.
+- Framing is decided here, once: the outbound head carries exactly one of
+  Content-Length or Transfer-Encoding: chunked, or neither when there is no body.
+- Requests gain X-Forwarded-For (appended), X-Forwarded-Proto and X-Forwarded-Host
+  (set), Via (appended, §7.6.3) and X-Request-Id. Host is kept as the client sent it.
+- Responses gain Via and X-Request-Id; a 5xx from the upstream also gains a Proxy-Status
+  member with received-status, so it is never mistaken for one gatewise made (RFC 9209 §2).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from proxy.codec.base import Headers, RequestHead, ResponseHead
+
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                        b"transfer-encoding", b"upgrade"})
+# A request id from the client is kept only when it is short and harmless to log and echo.
+_SANE_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+_NO_BODY_STATUS = frozenset({204, 304})
+
+# Body framing of an outbound message.
+NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
+
+
+def new_request_id() -> str:
+    return os.urandom(12).hex()
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return tokens
+
+
+class RequestInfo:
+    """What the forwarding logic needs to know about a request, from one header scan."""
+
+    __slots__ = ("host", "request_id", "framing", "content_length", "idempotent", "expect_continue",
+                 "looped", "accept", "te_trailers")
+
+    def __init__(self) -> None:
+        self.host: bytes | None = None
+        self.request_id = ""
+        self.framing = NO_BODY
+        self.content_length = 0
+        self.idempotent = False
+        self.expect_continue = False
+        self.looped = False
+        self.accept: bytes | None = None
+        self.te_trailers = False
+
+
+# RFC 9110 §9.2.2: idempotent methods may be retried after a partial failure.
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+def scan_request(head: RequestHead, proxy_name: bytes) -> RequestInfo:
+    info = RequestInfo()
+    info.idempotent = head.method in IDEMPOTENT
+    for name, value in head.headers:
+        lname = name.lower()
+        if lname == b"host":
+            info.host = value
+        elif lname == b"content-length":
+            info.framing = LENGTH
+            info.content_length = int(value)
+        elif lname == b"transfer-encoding":
+            info.framing = CHUNKED  # the codec has rejected anything but "..., chunked"
+        elif lname == b"x-request-id":
+            if _SANE_ID.fullmatch(value):
+                info.request_id = value.decode()
+        elif lname == b"via":
+            info.looped = info.looped or _via_names(value, proxy_name)
+        elif lname == b"expect":
+            info.expect_continue = value.strip().lower() == b"100-continue"
+        elif lname == b"accept":
+            info.accept = value
+        elif lname == b"te":
+            info.te_trailers = b"trailers" in value.lower()
+    if info.framing == LENGTH and info.content_length == 0:
+        info.framing = NO_BODY
+    if not info.request_id:
+        info.request_id = new_request_id()
+    return info
+
+
+def _via_names(value: bytes, proxy_name: bytes) -> bool:
+    """True when a Via field value lists proxy_name as a received-by (RFC 9110 §7.6.3)."""
+    for element in value.split(b","):
+        parts = element.split()
+        if len(parts) >= 2 and parts[1].lower() == proxy_name:
+            return True
+    return False
+
+
+def build_request_head(head: RequestHead, info: RequestInfo, *, target: bytes, client_ip: bytes,
+                       proto: bytes, via: bytes) -> bytes:
+    """The head gatewise sends upstream. `via` is b"1.1 gatewise"."""
+    drop = _connection_tokens(head.headers) | HOP_BY_HOP
+    tunnel = head.upgrade
+    out = [head.method, b" ", target, b" HTTP/1.1\r\n"]
+    xff = via_seen = None
+    for name, value in head.headers:
+        lname = name.lower()
+        if lname in drop:
+            if tunnel and lname == b"upgrade":
+                out += (name, b": ", value, b"\r\n")
+            continue
+        if lname == b"x-forwarded-for":
+            xff = value if xff is None else xff + b", " + value
+        elif lname == b"via":
+            via_seen = value if via_seen is None else via_seen + b", " + value
+        elif lname in (b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id",
+                       b"content-length"):
+            continue  # replaced below
+        else:
+            out += (name, b": ", value, b"\r\n")
+    if info.framing == LENGTH:
+        out += (b"Content-Length: ", str(info.content_length).encode(), b"\r\n")
+    elif info.framing == CHUNKED:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    if tunnel:
+        out.append(b"Connection: upgrade\r\n")
+    elif info.te_trailers:
+        out.append(b"TE: trailers\r\nConnection: TE\r\n")
+    out += (b"X-Forwarded-For: ", client_ip if xff is None else xff + b", " + client_ip, b"\r\n",
+            b"X-Forwarded-Proto: ", proto, b"\r\n")
+    if info.host is not None:
+        out += (b"X-Forwarded-Host: ", info.host, b"\r\n")
+    out += (b"Via: ", via if via_seen is None else via_seen + b", " + via, b"\r\n",
+            b"X-Request-Id: ", info.request_id.encode(), b"\r\n\r\n")
+    return b"".join(out)
+
+
+class ResponsePlan:
+    """How the response goes back to the client, decided from one scan of its head."""
+
+    __slots__ = ("head", "framing", "keep_alive", "upstream_keep_alive", "keepalive_timeout")
+
+    def __init__(self) -> None:
+        self.head = b""
+        self.framing = NO_BODY
+        self.keep_alive = True            # the client connection stays open afterwards
+        self.upstream_keep_alive = True   # the upstream said it may be reused
+        self.keepalive_timeout: float | None = None  # from the upstream's Keep-Alive: timeout=
+
+
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def status_line(status: int, reason: bytes = b"") -> bytes:
+    line = _STATUS_LINES.get(status) if not reason else None
+    if line is None:
+        from http import HTTPStatus
+        if not reason:
+            try:
+                reason = HTTPStatus(status).phrase.encode()
+            except ValueError:
+                reason = b"Unknown"
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    return line
+
+
+def plan_response(head: ResponseHead, *, request_method: bytes, client_version: bytes,
+                  client_keep_alive: bool, request_id: bytes, via: bytes,
+                  proxy_status: bytes | None) -> ResponsePlan:
+    """Rewrite an upstream response head for the client.
+
+    `proxy_status` is our Proxy-Status member for a forwarded 5xx (None otherwise).
+    Interim (1xx) heads are passed with hop-by-hop fields removed and no framing."""
+    plan = ResponsePlan()
+    drop = _connection_tokens(head.headers)
+    if b"close" in drop or (head.version == b"1.0" and b"keep-alive" not in drop):
+        plan.upstream_keep_alive = False
+    drop |= HOP_BY_HOP
+    status = head.status
+    interim = status < 200
+    length = None
+    chunked = False
+    via_seen = None
+    out = [status_line(status, head.reason)]
+    for name, value in head.headers:
+        lname = name.lower()
+        if lname == b"content-length":
+            length = value
+            continue
+        if lname == b"transfer-encoding":
+            chunked = True
+            continue
+        if lname == b"keep-alive":
+            plan.keepalive_timeout = _keepalive_timeout(value)
+            continue
+        if lname in drop:
+            if status == 101 and lname == b"upgrade":
+                out += (name, b": ", value, b"\r\n")
+            continue
+        if lname == b"via":
+            via_seen = value if via_seen is None else via_seen + b", " + value
+        elif lname == b"x-request-id":
+            continue
+        else:
+            out += (name, b": ", value, b"\r\n")
+    out += (b"Via: ", via if via_seen is None else via_seen + b", " + via, b"\r\n")
+    if interim:
+        if status == 101:
+            out.append(b"Connection: upgrade\r\n")
+        out.append(b"\r\n")
+        plan.head = b"".join(out)
+        plan.framing = NO_BODY
+        return plan
+    keep_alive = client_keep_alive
+    if request_method == b"HEAD" or status in _NO_BODY_STATUS:
+        plan.framing = NO_BODY
+        if length is not None:  # describes the representation, not this message (§8.6)
+            out += (b"Content-Length: ", length, b"\r\n")
+    elif chunked:
+        plan.framing = CHUNKED
+    elif length is not None:
+        plan.framing = LENGTH
+        out += (b"Content-Length: ", length, b"\r\n")
+    else:
+        plan.framing = UNTIL_CLOSE
+        plan.upstream_keep_alive = False
+    if plan.framing in (CHUNKED, UNTIL_CLOSE):
+        if client_version == b"1.1":
+            plan.framing = CHUNKED
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        else:  # an HTTP/1.0 client cannot read chunked: delimit by closing (RFC 9112 §6.3)
+            plan.framing = UNTIL_CLOSE
+            keep_alive = False
+    if proxy_status is not None:
+        out += (b"Proxy-Status: ", proxy_status, b"\r\n")
+    out += (b"X-Request-Id: ", request_id, b"\r\n")
+    if not keep_alive:
+        out.append(b"Connection: close\r\n")
+    elif client_version == b"1.0":
+        out.append(b"Connection: keep-alive\r\n")
+    out.append(b"\r\n")
+    plan.keep_alive = keep_alive
+    plan.head = b"".join(out)
+    return plan
+
+
+def _keepalive_timeout(value: bytes) -> float | None:
+    for param in value.split(b","):
+        key, _, val = param.strip().partition(b"=")
+        if key.strip().lower() == b"timeout":
+            try:
+                return float(val.strip().strip(b'"'))
+            except ValueError:
+                return None
+    return None
+
+
+def trailer_block(trailers: Headers) -> bytes:
+    """The end of a chunked body, with trailers (RFC 9112 §7.1.2), minus hop-by-hop ones."""
+    if not trailers:
+        return b"0\r\n\r\n"
+    out = [b"0\r\n"]
+    for name, value in trailers:
+        if name.lower() not in HOP_BY_HOP:
+            out += (name, b": ", value, b"\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)

@@ -1,0 +1,69 @@
+"""Idle upstream connections, per server (bookkeeping only; no I/O here).
+
+- LIFO reuse: the most recently used connection is the warmest, and the oldest ones are
+  left to reach their idle timeout, so the pool shrinks by itself after a burst.
+- Every idle entry expires at min(upstream_idle, the upstream's advertised
+  `Keep-Alive: timeout=` minus a margin): retiring a connection before the upstream
+  does avoids most of the keep-alive race (RFC 9112 §9.6 lets either side close an
+  idle connection at any time). The race that remains is handled in forward.py.
+- `take` and `put` return the connections to close; the caller closes them.
+"""
+
+from __future__ import annotations
+
+# Retire pooled connections this long before the upstream's advertised idle timeout.
+KEEPALIVE_MARGIN = 1.0
+# Idle connections kept per server (nginx `keepalive 32` per worker; we are one process).
+MAX_IDLE_PER_SERVER = 64
+
+
+def idle_expiry(now: float, upstream_idle: float, advertised: float | None) -> float:
+    limit = upstream_idle
+    if advertised is not None:
+        limit = min(limit, advertised - KEEPALIVE_MARGIN)
+    return now + limit
+
+
+class IdlePool:
+    __slots__ = ("_idle", "max_idle")
+
+    def __init__(self, max_idle: int = MAX_IDLE_PER_SERVER) -> None:
+        self._idle: list = []  # [(conn, expires_at)], newest last
+        self.max_idle = max_idle
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def take(self, now: float):
+        """(a usable idle connection or None, connections to close)."""
+        stale = []
+        idle = self._idle
+        while idle:
+            conn, expires = idle.pop()
+            if expires > now and conn.alive:
+                return conn, stale
+            stale.append(conn)
+        return None, stale
+
+    def put(self, conn, expires: float, now: float) -> list:
+        """Keep conn until `expires`; returns connections to close (conn itself when it
+        is already past its expiry, or the oldest ones over max_idle)."""
+        if expires <= now:
+            return [conn]
+        self._idle.append((conn, expires))
+        if len(self._idle) > self.max_idle:
+            evicted, = (self._idle.pop(0),)
+            return [evicted[0]]
+        return []
+
+    def discard(self, conn) -> None:
+        """conn closed while idle (the upstream hung up): forget it."""
+        for i, (c, _) in enumerate(self._idle):
+            if c is conn:
+                del self._idle[i]
+                return
+
+    def drain(self) -> list:
+        conns = [c for c, _ in self._idle]
+        self._idle.clear()
+        return conns

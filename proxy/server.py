@@ -1,0 +1,255 @@
+"""The proxy runtime and its lifecycle.
+
+`Proxy` holds what every connection shares, built once from the frozen config: the
+router, the pools (server states, balancer, idle connections), the recorder. `Server`
+owns the listener and the graceful drain (uvicorn's shutdown, STYLE §2): stop
+accepting, let in-flight responses finish and close idle connections, and abort what is
+left when `timeouts.shutdown_grace` runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+
+from diagnostics import error_body, proxy_status
+from diagnostics.causes import INFO, Cause
+from diagnostics.classify import classify
+from diagnostics.recorder import Recorder
+from proxy.balancer import make_balancer
+from proxy.codec import resolve_parser
+from proxy.config import ProxyConfig
+from proxy.downstream import DownstreamProtocol
+from proxy.errors import ProxyError
+from proxy.logs import log_event
+from proxy.pool import IdlePool, idle_expiry
+from proxy.router import Route, Router
+from proxy.servers import ServerState
+from proxy.upstream_conn import UpstreamConnection, connect
+
+
+class PoolRuntime:
+    __slots__ = ("name", "servers", "balancer", "retries", "retry_non_idempotent", "idle")
+
+    def __init__(self, cfg) -> None:
+        self.name = cfg.name
+        self.servers = [ServerState(url=s.url, host=s.host, port=s.port, weight=s.weight,
+                                    backup=s.backup) for s in cfg.servers]
+        self.balancer = make_balancer(cfg.balance, self.servers)
+        self.retries = cfg.retries
+        self.retry_non_idempotent = cfg.retry_non_idempotent
+        self.idle = {s: IdlePool() for s in self.servers}
+
+
+class Proxy:
+    """Shared state of one running proxy."""
+
+    def __init__(self, cfg: ProxyConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.cfg = cfg
+        self.loop = loop
+        self.parser_kind = resolve_parser(cfg.listen.parser)
+        self.router = Router([Route(r.host, r.path_prefix, r.pool, r.strip_prefix) for r in cfg.routes])
+        self.pools = {name: PoolRuntime(p) for name, p in cfg.pools.items()}
+        self.recorder = Recorder(cfg.diagnostics.recent_requests)
+        name = cfg.diagnostics.proxy_name
+        self.proxy_name = name
+        self.proxy_name_b = name.lower().encode()
+        self.via = b"1.1 " + name.encode()
+        self.minimal = cfg.diagnostics.detail == "minimal"
+        self.connections: set[DownstreamProtocol] = set()
+        self.draining = False
+        self.all_closed = asyncio.Event()  # set when draining and the last client is gone
+
+    # -- upstream connections ------------------------------------------------------------
+    def lease(self, pool: PoolRuntime, server: ServerState, now: float):
+        conn, stale = pool.idle[server].take(now)
+        for c in stale:
+            c.close()
+        return conn
+
+    async def connect(self, pool: PoolRuntime, server: ServerState) -> UpstreamConnection:
+        cfg = self.cfg
+        idle = pool.idle[server]
+
+        def factory() -> UpstreamConnection:
+            conn = UpstreamConnection(self.loop, server, self.parser_kind,
+                                      cfg.limits.max_response_header_bytes, cfg.timeouts)
+            conn.on_idle_close = idle.discard
+            return conn
+
+        return await connect(self.loop, server.host, server.port, cfg.timeouts.connect, factory)
+
+    def release(self, conn: UpstreamConnection, request_complete: bool) -> None:
+        """An exchange finished on conn: pool it when both sides allow, else close it."""
+        if not (request_complete and conn.reusable) or self.draining:
+            conn.close()
+            return
+        now = self.loop.time()
+        expires = idle_expiry(now, self.cfg.timeouts.upstream_idle, conn.keepalive_timeout)
+        conn.release(expires)
+        pool = self.pools_by_server(conn.server)
+        for c in pool.idle[conn.server].put(conn, expires, now):
+            c.close()
+
+    def pools_by_server(self, server: ServerState) -> PoolRuntime:
+        for pool in self.pools.values():
+            if server in pool.idle:
+                return pool
+        raise KeyError(server.url)
+
+    def on_success(self, server: ServerState, elapsed: float) -> None:
+        pass  # latency tracking arrives with the recorder's percentiles (issue 3)
+
+    # -- errors ----------------------------------------------------------------------------
+    def received_status_member(self, next_hop: str, status: int) -> bytes:
+        return proxy_status.render(self.proxy_name, next_hop=None if self.minimal else next_hop,
+                                   received_status=status)
+
+    def error_response(self, ex, exc: ProxyError, *, keep_alive: bool) -> bytes:
+        """The whole HTTP/1.1 response gatewise sends instead of the upstream's."""
+        cause = classify(exc)
+        info = INFO[cause]
+        request_id = ex.info.request_id if ex is not None else _new_id()
+        next_hop = exc.upstream
+        details = exc.detail or info.summary
+        attempts = ex.attempts if ex is not None else []
+        if len(attempts) > 1:
+            details = f"{details}; {len(attempts)} attempts"
+        member = proxy_status.render_cause(self.proxy_name, cause, next_hop=next_hop, details=details,
+                                           minimal=self.minimal)
+        accept = ex.info.accept if ex is not None else None
+        ctype, body = error_body.render_body(
+            error_body.choose_format(accept), status=info.status, error=info.token,
+            request_id=request_id, details=details, attempts=attempts, minimal=self.minimal)
+        body_out = b"" if ex is not None and ex.head.method == b"HEAD" else body
+        if not keep_alive:
+            connection = b"Connection: close\r\n"
+        elif ex is not None and ex.head.version == b"1.0":
+            connection = b"Connection: keep-alive\r\n"
+        else:
+            connection = b""
+        head = b"".join((_status_line(info.status),
+                         b"Content-Type: ", ctype, b"\r\n",
+                         b"Content-Length: ", str(len(body)).encode(), b"\r\n",
+                         b"Cache-Control: no-store\r\n",
+                         b"Proxy-Status: ", member, b"\r\n",
+                         b"X-Request-Id: ", request_id.encode(), b"\r\n",
+                         connection, b"\r\n"))
+        self.record(ex, exc, status=info.status, details=details)
+        return head + body_out
+
+    def record(self, ex, exc: ProxyError, *, status: int | None = None, details: str | None = None) -> None:
+        cause = classify(exc)
+        info = INFO[cause]
+        request_id = ex.info.request_id if ex is not None else "-"
+        method = ex.head.method.decode("latin-1") if ex is not None else "-"
+        path = ex.head.target[:512].decode("latin-1") if ex is not None else "-"
+        entry = self.recorder.record_failure(
+            request_id=request_id, method=method, path=path,
+            status=info.status if status is None else status, error=info.token,
+            details=details or exc.detail or info.summary,
+            attempts=list(ex.attempts) if ex is not None else [])
+        log_event("request_failed", **entry)
+
+
+_STATUS_CACHE: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_CACHE.get(status)
+    if line is None:
+        from proxy.headers import status_line
+        line = _STATUS_CACHE[status] = status_line(status)
+    return line
+
+
+def _new_id() -> str:
+    from proxy.headers import new_request_id
+    return new_request_id()
+
+
+class Server:
+    """A listening proxy. `await start()`, then `await stop()`."""
+
+    def __init__(self, cfg: ProxyConfig) -> None:
+        self.cfg = cfg
+        self.proxy: Proxy | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self.host = cfg.listen.host
+        self.port = cfg.listen.port
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> "Server":
+        loop = asyncio.get_running_loop()
+        self.proxy = Proxy(self.cfg, loop)
+        self._server = await loop.create_server(lambda: DownstreamProtocol(self.proxy),
+                                                self.cfg.listen.host, self.cfg.listen.port,
+                                                backlog=1024, reuse_address=True)
+        sock = self._server.sockets[0]
+        self.host, self.port = sock.getsockname()[:2]
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful drain: stop accepting, finish in-flight responses, then abort the rest."""
+        proxy = self.proxy
+        if proxy is None or self._server is None:
+            return
+        grace = self.cfg.timeouts.shutdown_grace if grace is None else grace
+        proxy.draining = True
+        self._server.close()
+        for conn in list(proxy.connections):
+            conn.drain()
+        if proxy.connections:
+            try:
+                await asyncio.wait_for(proxy.all_closed.wait(), grace)
+            except TimeoutError:
+                log_event("drain_timeout", aborted=len(proxy.connections))
+        for conn in list(proxy.connections):
+            conn.abort()
+        for pool in proxy.pools.values():
+            for idle in pool.idle.values():
+                for c in idle.drain():
+                    c.close()
+        await self._server.wait_closed()
+        self.stopped.set()
+
+
+def run_forever(cfg: ProxyConfig) -> int:
+    """`gatewise run`: serve until SIGTERM/SIGINT, then drain gracefully."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio still works
+        uvloop = None
+
+    async def main() -> int:
+        server = Server(cfg)
+        try:
+            await server.start()
+        except OSError as exc:
+            log_event("listen_failed", address=cfg.listen.address, error=str(exc))
+            return 1
+        proxy = server.proxy
+        log_event("listening", address=server.address, parser=proxy.parser_kind,
+                  pools={n: [s.url for s in p.servers] for n, p in proxy.pools.items()},
+                  config=cfg.source)
+        if cfg.listen.workers > 1:
+            log_event("warning", message="listen.workers > 1 is not supported yet; running one worker")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log_event("draining", grace_s=cfg.timeouts.shutdown_grace, connections=len(proxy.connections))
+        await server.stop()
+        log_event("stopped")
+        return 0
+
+    if uvloop is not None:
+        return uvloop.run(main())
+    return asyncio.run(main())

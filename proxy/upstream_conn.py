@@ -1,0 +1,277 @@
+"""The upstream side: one asyncio.Protocol per connection to a server.
+
+This is the only place where OS and codec errors become ProxyErrors (STYLE §4):
+connect errors by errno, then one exception per phase for what goes wrong after.
+
+Phases of a connection and the one timer that guards each (flow.Deadline):
+    IDLE       pooled; expires at the pool's idle expiry        -> closed quietly
+    SENDING    request head/body going out; refreshed by progress -> ResponseTimeout
+    WAITING    request fully sent, no head yet (response_header) -> ResponseTimeout
+    BODY       head forwarded; longest silence is idle_read      -> BodyReadTimeout
+While the client cannot keep up (its buffer is full) reading is paused and the BODY
+timer is suspended: a slow client is not the upstream's fault.
+
+Events go to the bound exchange (proxy/exchange.py) as plain method calls; response
+bytes therefore flow upstream -> client without any await on the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+
+from proxy.codec import make_response_parser
+from proxy.errors import (AfterHead, BodyReadTimeout, ConnectionTerminated, ConnectRefused, ConnectTimeout,
+                          DestinationUnroutable, ProxyError, ResponseIncomplete, ResponseTimeout,
+                          UpstreamProtocolError)
+from proxy.flow import HIGH_WATER, LOW_WATER, Deadline
+
+IDLE, SENDING, WAITING, BODY, CLOSED = "idle", "sending", "waiting", "body", "closed"
+
+_UNROUTABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def looks_like_tls(data: bytes) -> bool:
+    """A TLS record (RFC 8446 §5.1): content type 20-23, then version 3.x."""
+    return len(data) >= 2 and 20 <= data[0] <= 23 and data[1] == 3
+
+
+async def connect(loop: asyncio.AbstractEventLoop, host: str, port: int, timeout: float,
+                  factory) -> "UpstreamConnection":
+    """Open a TCP connection; every failure is one typed ProxyError."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    started = loop.time()
+    try:
+        async with asyncio.timeout(timeout):
+            _, conn = await loop.create_connection(factory, host, port)
+    except TimeoutError:
+        raise ConnectTimeout(f"connect to {address} timed out after {_ms(loop.time() - started)} "
+                             f"(timeouts.connect = {timeout:g} s)", upstream=address) from None
+    except ConnectionRefusedError:
+        raise ConnectRefused(f"connect ECONNREFUSED after {_ms(loop.time() - started)}",
+                             upstream=address) from None
+    except socket.gaierror as exc:
+        raise DestinationUnroutable(f"cannot resolve {host}: {exc.strerror}", upstream=address) from None
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno or 0, "error")
+        if exc.errno in _UNROUTABLE:
+            raise DestinationUnroutable(f"connect {name} after {_ms(loop.time() - started)}",
+                                        upstream=address) from None
+        if exc.errno == errno.ETIMEDOUT:
+            raise ConnectTimeout(f"connect ETIMEDOUT after {_ms(loop.time() - started)}",
+                                 upstream=address) from None
+        raise ConnectRefused(f"connect {name} ({exc.strerror}) after {_ms(loop.time() - started)}",
+                             upstream=address) from None
+    return conn
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = ("_loop", "_parser", "_timer", "_timeouts", "transport", "state", "exchange",
+                 "server", "reused", "head_seen", "request_done", "alive", "on_idle_close",
+                 "keepalive_timeout", "upstream_keep_alive", "_client_paused", "bytes_seen", "_tunnel")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, server, parser_kind: str,
+                 max_head_bytes: int, timeouts) -> None:
+        self._loop = loop
+        self._parser = make_response_parser(parser_kind, self, max_head_bytes)
+        self._timer = Deadline(loop, self._on_deadline)
+        self._timeouts = timeouts
+        self.transport: asyncio.Transport | None = None
+        self.state = IDLE
+        self.exchange = None
+        self.server = server
+        self.reused = False
+        self.head_seen = False
+        self.request_done = False
+        self.alive = False
+        self.on_idle_close = None  # set by the pool owner: forget this connection
+        self.keepalive_timeout: float | None = None
+        self.upstream_keep_alive = True
+        self._client_paused = False
+        self.bytes_seen = False
+        self._tunnel = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        self.alive = True
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if self._tunnel:
+            ex.on_tunnel_data(data)
+            return
+        if ex is None:  # bytes on an idle connection: the upstream is confused; drop it
+            self.close()
+            return
+        if not self.bytes_seen:
+            self.bytes_seen = True
+            if looks_like_tls(data):
+                self.fail(UpstreamProtocolError(
+                    "response is a TLS record, not HTTP: upstream speaks TLS? use https://",
+                    upstream=self.server.address))
+                return
+        try:
+            rest = self._parser.feed(data)
+        except ProxyError as exc:
+            if self.head_seen and not isinstance(exc, AfterHead):
+                exc = ResponseIncomplete(f"invalid response body: {exc.detail}")
+            exc.upstream = self.server.address
+            self.fail(exc)
+            return
+        if rest is not None and ex is self.exchange:
+            self._tunnel = True
+            ex.on_tunnel_open(self, rest)
+        if ex is not None:
+            ex.flush()
+
+    def eof_received(self) -> bool:
+        ex = self.exchange
+        if self._tunnel:
+            ex.on_tunnel_eof(self)
+            return True
+        if ex is not None and self.head_seen and self._parser.feed_eof():
+            ex.flush()
+            return False
+        self._lost("upstream closed the connection (FIN)")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.alive = False
+        if self._tunnel and self.exchange is not None:
+            self.exchange.on_tunnel_eof(self)
+            self.exchange = None
+        if exc is None:
+            self._lost("upstream closed the connection")
+        elif isinstance(exc, ConnectionResetError):
+            self._lost("upstream reset the connection (RST)")
+        else:
+            self._lost(f"connection lost: {exc}")
+        self._timer.cancel()
+        self.state = CLOSED
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.pause_client_reading()
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.resume_client_reading()
+
+    # -- driven by the exchange --------------------------------------------------------
+    def begin(self, exchange, method: bytes, data: bytes, complete: bool) -> None:
+        """Bind to an exchange and send the request head (plus any buffered body)."""
+        self.exchange = exchange
+        self.head_seen = False
+        self.bytes_seen = False
+        self.request_done = complete
+        self.upstream_keep_alive = True
+        self._parser.start(method)
+        self.state = WAITING if complete else SENDING
+        self._timer.set(self._loop.time() + self._timeouts.response_header)
+        self.transport.write(data)
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+        if self.state is SENDING:
+            self._timer.set(self._loop.time() + self._timeouts.response_header)
+
+    def send_done(self) -> None:
+        self.request_done = True
+        if self.state is SENDING:
+            self.state = WAITING
+            self._timer.set(self._loop.time() + self._timeouts.response_header)
+
+    def pause_for_client(self) -> None:
+        """The client's buffer is full: stop reading, stop blaming the upstream."""
+        if not self._client_paused and self.transport is not None:
+            self._client_paused = True
+            self.transport.pause_reading()
+            if self.state is BODY:
+                self._timer.set(None)
+
+    def resume_for_client(self) -> None:
+        if self._client_paused and self.transport is not None:
+            self._client_paused = False
+            self.transport.resume_reading()
+            if self.state is BODY:
+                self._timer.set(self._loop.time() + self._timeouts.idle_read)
+
+    def release(self, idle_until: float) -> None:
+        """The exchange is complete and this connection goes back to the pool."""
+        self.exchange = None
+        self.state = IDLE
+        self.reused = True
+        if self._client_paused:
+            self.resume_for_client()
+        self._timer.set(idle_until)
+
+    @property
+    def reusable(self) -> bool:
+        return self.alive and self.request_done and self.upstream_keep_alive and self._parser.reusable
+
+    def fail(self, exc: ProxyError) -> None:
+        """Give up on this connection and tell the exchange why (exactly once)."""
+        ex = self.exchange
+        self.exchange = None
+        self.close()
+        if ex is not None:
+            ex.on_upstream_failed(self, exc)
+
+    def close(self) -> None:
+        self.alive = False
+        self.state = CLOSED
+        self._timer.cancel()
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- parser events -------------------------------------------------------------------
+    def on_response_head(self, head) -> None:
+        if head.status >= 200:
+            self.head_seen = True
+            self.state = BODY
+            self._timer.set(self._loop.time() + self._timeouts.idle_read)
+        self.exchange.on_upstream_head(self, head)
+
+    def on_response_body(self, data: bytes) -> None:
+        if not self._client_paused:
+            self._timer.extend(self._loop.time() + self._timeouts.idle_read)
+        self.exchange.on_upstream_body(data)
+
+    def on_response_end(self, trailers) -> None:
+        self._timer.set(None)
+        ex = self.exchange
+        ex.on_upstream_end(self, trailers)
+
+    # -- failures -------------------------------------------------------------------------
+    def _lost(self, why: str) -> None:
+        if self.exchange is None:
+            if self.state is IDLE and self.on_idle_close is not None:
+                self.on_idle_close(self)
+            self.alive = False
+            return
+        address = self.server.address
+        if self.head_seen:
+            self.fail(ResponseIncomplete(f"{why} in the middle of the response body", upstream=address))
+        else:
+            self.fail(ConnectionTerminated(f"{why} before a complete response head", upstream=address))
+
+    def _on_deadline(self) -> None:
+        state = self.state
+        address = self.server.address
+        if state is IDLE:
+            self.close()
+            if self.on_idle_close is not None:
+                self.on_idle_close(self)
+        elif state is BODY:
+            self.fail(BodyReadTimeout(f"no body bytes for {self._timeouts.idle_read:g} s "
+                                      f"(timeouts.idle_read)", upstream=address))
+        elif state in (SENDING, WAITING):
+            self.fail(ResponseTimeout(f"no response head within {self._timeouts.response_header:g} s "
+                                      f"(timeouts.response_header)", upstream=address))
