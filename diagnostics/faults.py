@@ -73,13 +73,12 @@ def parse_mode(text: str) -> tuple[str, float | int | None]:
     return name, value
 
 
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+
+
 @functools.cache
 def _status_line(code: int) -> bytes:
-    try:
-        reason = HTTPStatus(code).phrase
-    except ValueError:
-        reason = "Unknown"
-    return f"HTTP/1.1 {code} {reason}\r\n".encode()
+    return f"HTTP/1.1 {code} {_REASONS.get(code, 'Unknown')}\r\n".encode()
 
 
 def _pieces(n: int, chunked: bool) -> Iterator[bytes]:
@@ -110,28 +109,22 @@ class _Request:
         self.method, self.target, self.headers = "", b"", []
         self.body_bytes, self.sha, self.keep_alive, self.expect = 0, None, True, False
 
-    @property
-    def path(self) -> str:
-        return self.target.decode("latin-1")
-
 
 class _Conn(asyncio.Protocol):
     """One accepted connection: parse with llhttp, then answer (or fail) per the server's mode."""
 
     def __init__(self, server: FaultServer) -> None:
-        self.s = server
-        self.loop = server._loop
+        self.s, self.loop = server, server._loop
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
-        self.req: _Request | None = None        # being parsed
-        self.queue: deque[_Request | None] = deque()   # complete, unanswered; None = parse error
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self.req: _Request | None = None                 # being parsed
+        self.queue: deque[_Request | None] = deque()     # complete, unanswered; None = parse error
         self.busy = self.closing = self.alerted = self.in_next = False
-        self.answered = 0
         self.write_paused = self.read_paused = self.throttled = False
-        self.pump: Iterator[bytes] | None = None
+        self.answered = 0
+        self.pump: Iterator[bytes] | None = None         # body pieces still to write
         self.pump_keep_alive = True
-        self.timer: asyncio.TimerHandle | None = None       # slow / read_rate deferred answer
-        self.idle: asyncio.TimerHandle | None = None        # keepalive_timeout
+        self.timer: asyncio.TimerHandle | None = None   # busy: deferred answer; idle: keepalive_timeout
         self.read_timer: asyncio.TimerHandle | None = None  # read_rate resume
         self.read_paid_at = 0.0   # read_rate: loop time at which the bytes read so far are "paid"
 
@@ -143,12 +136,11 @@ class _Conn(asyncio.Protocol):
         self._arm_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
-        self.pump = None
+        self.closing, self.pump = True, None
         self.s._conns.discard(self)
-        for h in (self.timer, self.idle, self.read_timer):
-            if h is not None:
-                h.cancel()
+        self._cancel_timer()
+        if self.read_timer is not None:
+            self.read_timer.cancel()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -160,19 +152,16 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        if self.idle is not None:
-            self.idle.cancel()
-            self.idle = None
+        if not self.busy:
+            self._cancel_timer()
         if self.s.mode == "tls" and not self.alerted:
             self.alerted = True
             self.transport.write(TLS_ALERT)
-        if self.s.read_rate:
+        if self.s.read_rate:   # pay for these bytes: stop reading until they are paid for
             now = self.loop.time()
             self.read_paid_at = max(self.read_paid_at, now) + len(data) / self.s.read_rate
-            if self.read_paid_at - now > 0.001:
+            if self.read_paid_at - now > 0.001 and self.read_timer is None:
                 self.throttled = True
-                if self.read_timer is not None:
-                    self.read_timer.cancel()
                 self.read_timer = self.loop.call_later(self.read_paid_at - now, self._unthrottle)
         if self.parser is not None:
             try:
@@ -214,8 +203,8 @@ class _Conn(asyncio.Protocol):
     def on_message_complete(self) -> None:
         req, self.req = self.req, None
         self.s.requests_seen += 1
-        self.s.last_request = {"method": req.method, "path": req.path, "headers": req.headers,
-                               "body_bytes": req.body_bytes}
+        self.s.last_request = {"method": req.method, "path": req.target.decode("latin-1"),
+                               "headers": req.headers, "body_bytes": req.body_bytes}
         self.s._seen.set()
         self.queue.append(req)
         self._next()
@@ -239,15 +228,11 @@ class _Conn(asyncio.Protocol):
     def _dispatch(self, req: _Request | None) -> None:
         s, mode = self.s, self.s.mode
         self.busy = True
-        if req is None:   # unparseable request
-            if mode == "hang":
-                return
-            if mode == "garbage":
-                self.transport.write(GARBAGE)
-            elif mode not in ("tls", "reset", "close"):
-                self._send(None, 400, b"bad request\n", keep_alive=False)
-                return
-            self._close()
+        if req is None:   # unparseable: a plain HTTP server says 400; the faults stay in character
+            if mode in ("ok", "slow", "flaky"):
+                self._send(None, 400, b"bad request\n")
+            else:
+                self._act(mode, None)
             return
         if s.close_after is not None and self.answered >= s.close_after:
             self._close()   # the keep-alive race: FIN instead of an answer
@@ -262,7 +247,7 @@ class _Conn(asyncio.Protocol):
         else:
             self._act(mode, req)
 
-    def _act(self, mode: str, req: _Request) -> None:
+    def _act(self, mode: str, req: _Request | None) -> None:
         self.timer = None
         if self.closing:
             return
@@ -294,7 +279,7 @@ class _Conn(asyncio.Protocol):
             self._send(req, 200, b"ok\n")
         elif path == b"/echo":
             self._send(req, 200, orjson.dumps({
-                "method": req.method, "path": req.path, "headers": req.headers,
+                "method": req.method, "path": req.target.decode("latin-1"), "headers": req.headers,
                 "body_bytes": req.body_bytes, "body_sha256": req.sha.hexdigest()}),
                 extra=b"Content-Type: application/json\r\n")
         elif path.startswith((b"/bytes/", b"/chunked/")):
@@ -329,12 +314,11 @@ class _Conn(asyncio.Protocol):
         head.append(b"\r\n")
         return b"".join(head)
 
-    def _send(self, req: _Request | None, code: int, body: bytes, *, extra: bytes = b"",
-              keep_alive: bool | None = None) -> None:
-        if keep_alive is None:
-            keep_alive = req.keep_alive
-        head = self._head(code, b"Content-Length: %d\r\n" % len(body) + extra if code not in (204, 304)
-                          else extra, keep_alive)
+    def _send(self, req: _Request | None, code: int, body: bytes, *, extra: bytes = b"") -> None:
+        """A complete response; req None (unparseable request) means close afterwards."""
+        keep_alive = req is not None and req.keep_alive
+        framing = b"" if code in (204, 304) else b"Content-Length: %d\r\n" % len(body)
+        head = self._head(code, framing + extra, keep_alive)
         self.transport.write(head if req is not None and req.method == "HEAD" else head + body)
         self._done(keep_alive)
 
@@ -356,22 +340,28 @@ class _Conn(asyncio.Protocol):
             self._next()
 
     def _maybe_continue(self) -> None:
-        req = self.req
-        if (req is not None and req.expect and not self.busy and not self.queue
-                and self.s.mode not in ("hang", "tls")):
+        """Expect: 100-continue (RFC 9110 section 10.1.1), only once this request is next in line;
+        not from modes that stay silent, nor before a close_after FIN (nothing may be read)."""
+        req, s = self.req, self.s
+        if (req is not None and req.expect and not self.busy and not self.queue and not self.closing
+                and s.mode not in ("hang", "tls")
+                and (s.close_after is None or self.answered < s.close_after)):
             req.expect = False
             self.transport.write(_CONTINUE)
 
     # -- connection control
     def _arm_idle(self) -> None:
         if self.s.keepalive_timeout is not None and not self.closing:
-            if self.idle is not None:
-                self.idle.cancel()
-            self.idle = self.loop.call_later(self.s.keepalive_timeout, self._close)
+            self._cancel_timer()
+            self.timer = self.loop.call_later(self.s.keepalive_timeout, self._close)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def _unthrottle(self) -> None:
-        self.read_timer = None
-        self.throttled = False
+        self.read_timer, self.throttled = None, False
         self._sync_reading()
 
     def _sync_reading(self) -> None:
@@ -396,8 +386,7 @@ class _Conn(asyncio.Protocol):
         self.abort()
 
     def abort(self) -> None:
-        self.closing = True
-        self.pump = None
+        self.closing, self.pump = True, None
         self.transport.abort()
 
 
@@ -414,16 +403,14 @@ class FaultServer:
         self.close_after, self.keepalive_timeout = close_after, keepalive_timeout
         self.advertise_keepalive, self.read_rate = advertise_keepalive, read_rate
         self.rng = random.Random(seed)
-        self.requests_seen = 0
-        self.connections_accepted = 0
+        self.requests_seen = self.connections_accepted = 0
         self.last_request: dict | None = None
         self._server: asyncio.AbstractServer | None = None
         self._socks: list[socket.socket] = []   # blackhole: the listener and its fillers
         self._conns: set[_Conn] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seen: asyncio.Event | None = None
-        self._tag = b""
-        self._filler = b""
+        self._tag = self._filler = b""
 
     @property
     def address(self) -> str:
@@ -460,24 +447,30 @@ class FaultServer:
         drops further SYNs (tcp_conn_request: sk_acceptq_is_full), so connects time out."""
         lsock = socket.socket(self._family(), socket.SOCK_STREAM)
         self._socks.append(lsock)
-        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        lsock.bind((self.host, self.port))
-        lsock.listen(0)
-        lsock.setblocking(False)
-        self.port = lsock.getsockname()[1]
-        target = (self.host, self.port)
-        for _ in range(16):
-            if _acceptq_full(lsock):
-                return
-            filler = socket.socket(self._family(), socket.SOCK_STREAM)
-            filler.setblocking(False)
-            try:
-                await asyncio.wait_for(self._loop.sock_connect(filler, target), 0.5)
-            except asyncio.TimeoutError:   # no TCP_INFO: a dropped SYN proves the queue is full
-                filler.close()
-                return
-            self._socks.append(filler)
-        raise OSError("blackhole: could not fill the accept queue (connects would not time out)")
+        try:
+            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            lsock.bind((self.host, self.port))
+            lsock.listen(0)
+            lsock.setblocking(False)
+            self.port = lsock.getsockname()[1]
+            target = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)   # wildcard: via loopback
+            for _ in range(16):
+                if _acceptq_full(lsock):
+                    return
+                filler = socket.socket(self._family(), socket.SOCK_STREAM)
+                self._socks.append(filler)
+                filler.setblocking(False)
+                try:
+                    await asyncio.wait_for(self._loop.sock_connect(filler, (target, self.port)), 0.5)
+                except TimeoutError:   # no TCP_INFO here: a dropped SYN proves the queue is full
+                    filler.close()
+                    return
+            raise OSError("blackhole: could not fill the accept queue")
+        except BaseException:
+            for sock in self._socks:
+                sock.close()
+            self._socks.clear()
+            raise
 
     async def close(self) -> None:
         """Stop listening and abort every live connection; idempotent."""
@@ -540,13 +533,10 @@ def main_faults(listen: str, mode: str) -> int:
     except ValueError as exc:
         print(f"gatewise faults: {exc}", file=sys.stderr)
         return 2
+    import uvloop   # what `gatewise run` uses
+
     try:
-        import uvloop
-        run = uvloop.run
-    except ImportError:
-        run = asyncio.run
-    try:
-        return run(_serve(host, port, mode))
+        return uvloop.run(_serve(host, port, mode))
     except OSError as exc:
         print(f"gatewise faults: cannot listen on {listen}: {exc}", file=sys.stderr)
         return 1

@@ -27,6 +27,16 @@ from proxy.forward import forward
 IDLE, HEAD, BUSY = "idle", "head", "busy"
 
 
+class _Rejection:
+    """A refused request waiting in the pipeline queue for its turn to be answered."""
+
+    __slots__ = ("exchange", "error")
+
+    def __init__(self, exchange: Exchange | None, error: ProxyError) -> None:
+        self.exchange = exchange
+        self.error = error
+
+
 class DownstreamProtocol(asyncio.Protocol):
     __slots__ = ("proxy", "loop", "transport", "gate", "client_ip", "_parser", "_timer", "state",
                  "current", "receiving", "queue", "closing", "_wbuf", "_write_paused", "_eof",
@@ -44,7 +54,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.state = IDLE
         self.current: Exchange | None = None     # the exchange whose response is being served
         self.receiving: Exchange | None = None   # the exchange whose request is being read
-        self.queue: deque[Exchange] = deque()
+        self.queue: deque[Exchange | _Rejection] = deque()
         self.closing = False                     # answer what is in flight, then close
         self._wbuf: list[bytes] = []
         self._write_paused = False
@@ -103,9 +113,9 @@ class DownstreamProtocol(asyncio.Protocol):
         proxy.connections.discard(self)
         if proxy.draining and not proxy.connections:
             proxy.all_closed.set()
-        for ex in (self.current, *self.queue):
-            if ex is not None and not ex.finished and ex.task is not None:
-                ex.task.cancel()
+        ex = self.current
+        if ex is not None and not ex.finished and ex.task is not None:
+            ex.task.cancel()
         if self._tunnel is not None:
             self._tunnel.detach()
         self.queue.clear()
@@ -165,18 +175,27 @@ class DownstreamProtocol(asyncio.Protocol):
         self.current = None
         if self._closed:
             return
-        if not ex.keep_alive or self.closing or self._eof or not ex.body_complete:
+        if not ex.keep_alive or not ex.body_complete:
+            self.close()  # the client was told (or must learn) that this is the last answer
+        elif self.queue:
+            self._next()
+        elif self.closing or self._eof:
             self.close()
-            return
-        if self.queue:
-            nxt = self.queue.popleft()
-            if not self.queue:
-                self.gate.resume(QUEUED)
-            self._start(nxt)
-            return
-        if self.receiving is ex:
-            self.state = IDLE
-        self._rearm()
+        else:
+            if self.receiving is ex:
+                self.state = IDLE
+            self._rearm()
+
+    def _next(self) -> None:
+        """Serve the next pipelined item: a request, or a rejection queued behind them."""
+        item = self.queue.popleft()
+        if not self.queue:
+            self.gate.resume(QUEUED)
+        if isinstance(item, _Rejection):
+            self.queue.clear()
+            self._answer_rejection(item.exchange, item.error)
+        else:
+            self._start(item)
 
     def send_error(self, ex: Exchange | None, exc: ProxyError) -> None:
         """Answer with a gatewise-generated error (never after a response head)."""
@@ -196,25 +215,40 @@ class DownstreamProtocol(asyncio.Protocol):
             self.close()
 
     def _reject(self, exc: ProxyError) -> None:
-        """A request the codec or the limits refused: answer if we still can, then close."""
-        self.gate.pause(QUEUED)  # read no more from this client
-        ex = self.receiving if self.receiving is not None and not self.receiving.finished else None
-        if ex is not None and ex.task is not None:
-            ex.task.cancel()
-            ex.detach()
-        if ex is not None and ex.committed:
-            self.proxy.record(ex, exc)
-            self.abort()
-            return
-        self.proxy.record(ex, exc)
+        """The codec, a limit or a timer refused what the client sent. Requests already
+        received are answered first (RFC 9112 §9.3.2 keeps responses in order); then
+        the rejection is answered and the connection closed. Nothing more is read."""
+        self.gate.pause(QUEUED)
         self.closing = True
-        data = self.proxy.error_response(ex, exc, keep_alive=False)
+        ex = self.receiving
+        if ex is None or ex.body_complete or ex.finished:
+            ex = None  # the error is in a new request that never became an exchange
+        if ex is not None and ex is self.current:
+            if ex.committed:  # the response is already streaming: only an abort is honest
+                self.proxy.record(ex, exc)
+                self.abort()
+                return
+            ex.finished = True  # tells forward() this cancellation is ours, not the client's
+            if ex.task is not None:
+                ex.task.cancel()
+            ex.detach()
+            self.queue.clear()
+            self._answer_rejection(ex, exc)
+            return
+        if ex is not None:  # its head is queued behind the one in flight
+            while self.queue and self.queue[-1] is not ex:
+                self.queue.pop()
+            if self.queue:
+                self.queue.pop()
+        self.queue.append(_Rejection(ex, exc))
+        if self.current is None:
+            self._next()
+
+    def _answer_rejection(self, ex: Exchange | None, exc: ProxyError) -> None:
+        self.current = None
         if ex is not None:
             ex.finished = True
-        self.queue.clear()
-        self.current = None
-        self.out(data)
-        self.flush()
+        self.out(self.proxy.error_response(ex, exc, keep_alive=False))
         self.close()
 
     # -- tunnel (Upgrade) ------------------------------------------------------------

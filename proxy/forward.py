@@ -45,12 +45,17 @@ async def forward(proxy, ex) -> None:
     try:
         await _forward(proxy, ex, loop)
     except asyncio.CancelledError:
-        # The client went away (downstream.connection_lost cancels us).
+        # downstream cancels us when the client goes away, or (with ex.finished set)
+        # when it has already answered the request itself.
         ex.detach()
-        proxy.record(ex, ClientDisconnected("client closed the connection"))
+        if not ex.finished:
+            ex.finished = True
+            proxy.record(ex, ClientDisconnected("client closed the connection"))
     except ProxyError as exc:
         ex.detach()
-        if exc.cause is Cause.CLIENT_DISCONNECTED:
+        if ex.finished:  # downstream already answered (a rejected body, for instance)
+            return
+        if classify(exc) is Cause.CLIENT_DISCONNECTED:
             proxy.record(ex, exc)
         elif ex.committed:
             ex.client.abort()  # never a clean end that hides the cut
@@ -95,7 +100,7 @@ async def _forward(proxy, ex, loop) -> None:
             await _attempt(proxy, pool, server, ex, head_bytes, loop)
             return
         except ProxyError as exc:
-            if exc.cause is Cause.CLIENT_DISCONNECTED:
+            if classify(exc) is Cause.CLIENT_DISCONNECTED:
                 raise
             if len(ex.attempts) >= allowed or not _may_retry(exc, ex, pool.retry_non_idempotent):
                 raise
@@ -128,8 +133,9 @@ async def _attempt(proxy, pool, server, ex, head_bytes: bytes, loop) -> None:
                 raise
     except ProxyError as exc:
         _note_attempt(ex, server, exc, loop.time() - started, now=loop.time())
-        if exc.cause is not Cause.CLIENT_DISCONNECTED and INFO[exc.cause].blames_upstream:
-            server.on_failure(INFO[exc.cause].token, exc.detail, loop.time())
+        info = INFO[classify(exc)]
+        if info.blames_upstream:
+            server.on_failure(info.token, exc.detail, loop.time())
         raise
     finally:
         server.on_attempt_end()

@@ -233,6 +233,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- parser events -------------------------------------------------------------------
     def on_response_head(self, head) -> None:
+        if self.exchange is None:  # bytes after a complete response: never ours to relay
+            raise UpstreamProtocolError("response bytes with no request outstanding")
         if head.status >= 200:
             self.head_seen = True
             self.state = BODY

@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import re
 import signal
-import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +25,9 @@ from diagnostics.faults import GARBAGE, PARTIAL_LENGTH, PARTIAL_SENT, TLS_ALERT,
 
 REPO = Path(__file__).resolve().parents[2]
 GET = b"GET / HTTP/1.1\r\nHost: up\r\n\r\n"
+
+
+pytestmark = pytest.mark.both_loops  # every fault on uvloop and on plain asyncio
 
 
 class Client:
@@ -457,3 +460,10 @@ async def test_cli_rejects_a_bad_mode():
         cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 10)
     assert proc.returncode == 2 and out == b"" and b"unknown fault mode 'explode'" in err
+
+
+def test_faults_module_does_not_import_proxy():
+    """diagnostics never imports proxy (STYLE.md section 2)."""
+    code = "import sys, diagnostics.faults; print(sorted(m for m in sys.modules if m.split('.')[0] == 'proxy'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

@@ -1,0 +1,209 @@
+"""Shared fixtures: real loopback sockets only.
+
+- `parser`: every integration test that uses it runs once per codec (llhttp, h11).
+- `upstream(mode, **opts)`: a started diagnostics.faults.FaultServer, closed at teardown.
+- `gateway(servers, **config)`: a started proxy on 127.0.0.1:0 in this event loop.
+- `http(port, ...)`: a strict client (h11 parses the answer) returning a Reply.
+- Event loop: uvloop by default (what `gatewise run` uses); tests marked `both_loops`
+  also run on plain asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import h11
+import pytest
+import uvloop
+
+from diagnostics.faults import FaultServer
+from proxy.config import parse_config
+from proxy.server import Server
+from tests.sfparse import Token, parse_list
+
+
+def pytest_asyncio_loop_factories(config, item):
+    """uvloop (what `gatewise run` uses) for every test; plain asyncio as well for tests
+    marked `both_loops`, so nothing depends on one loop's quirks."""
+    if item.get_closest_marker("both_loops"):
+        return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(params=["llhttp", "h11"])
+def parser(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+async def upstream():
+    started: list[FaultServer] = []
+
+    async def make(mode: str = "ok", **opts) -> FaultServer:
+        server = await FaultServer(mode, **opts).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        await server.close()
+
+
+def proxy_config(servers, *, parser: str = "llhttp", pool: dict | None = None, **sections):
+    """A config dict for parse_config: one pool "app" of `servers` (FaultServer, URL or
+    {"url":..., "weight":...}), catch-all route, listen on port 0."""
+    entries = []
+    for s in servers:
+        if isinstance(s, FaultServer):
+            entries.append({"url": s.url})
+        elif isinstance(s, str):
+            entries.append({"url": s})
+        else:
+            entries.append(dict(s))
+    data = {"listen": {"address": "127.0.0.1:0", "parser": parser},
+            "pools": {"app": {"servers": entries, **(pool or {})}}}
+    for name, table in sections.items():
+        data.setdefault(name, {}).update(table)
+    return data
+
+
+@pytest.fixture
+async def gateway(parser):
+    started: list[Server] = []
+
+    async def make(servers, *, pool: dict | None = None, raw: dict | None = None, **sections) -> Server:
+        data = raw if raw is not None else proxy_config(servers, parser=parser, pool=pool, **sections)
+        if raw is not None:
+            data.setdefault("listen", {}).update({"address": "127.0.0.1:0", "parser": parser})
+        server = await Server(parse_config(data)).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        await server.stop(grace=1.0)
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    trailers: list[tuple[str, str]] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        for n, v in self.headers:
+            if n == name:
+                return v
+        return None
+
+    def all(self, name: str) -> list[str]:
+        return [v for n, v in self.headers if n == name.lower()]
+
+    @property
+    def proxy_status(self) -> list:
+        """Proxy-Status parsed strictly (RFC 8941 list); [] when absent."""
+        value = ", ".join(self.all("proxy-status"))
+        return parse_list(value) if value else []
+
+    def our_status(self, name: str = "gatewise") -> dict:
+        """Our Proxy-Status member's params (error as str), or {} when absent."""
+        for item, params in self.proxy_status:
+            if isinstance(item, Token) and item == name or item == name:
+                return {k: str(v) if isinstance(v, Token) else v for k, v in params.items()}
+        return {}
+
+
+async def read_reply(reader: asyncio.StreamReader, method: str = "GET", timeout: float = 10.0) -> Reply:
+    """Read one response with h11 as the strict reference parser."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method=method, target="/", headers=[("Host", "t")]))
+    conn.send(h11.EndOfMessage())
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    status, headers, body, trailers = 0, [], bytearray(), []
+    async with asyncio.timeout(timeout):
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await reader.read(65536))
+                continue
+            if isinstance(event, h11.InformationalResponse):
+                continue
+            if isinstance(event, h11.Response):
+                status = event.status_code
+                headers = [(n.decode(), v.decode("latin-1")) for n, v in event.headers]
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                trailers = [(n.decode(), v.decode("latin-1")) for n, v in event.headers]
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionError("closed before a complete response")
+    return Reply(status, headers, bytes(body), trailers, loop.time() - start)
+
+
+def build_request(method: str = "GET", path: str = "/", headers: list[tuple[str, str]] | None = None,
+                  body: bytes | None = None, host: str = "test") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
+    hdrs = list(headers or [])
+    if body is not None and not any(n.lower() in ("content-length", "transfer-encoding") for n, _ in hdrs):
+        hdrs.append(("Content-Length", str(len(body))))
+    lines += [f"{n}: {v}" for n, v in hdrs]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+
+
+async def http(port: int, method: str = "GET", path: str = "/", *, headers=None, body: bytes | None = None,
+               host: str = "test", timeout: float = 10.0) -> Reply:
+    """One request on a fresh connection (Connection: close)."""
+    hdrs = list(headers or []) + [("Connection", "close")]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(build_request(method, path, hdrs, body, host))
+        await writer.drain()
+        return await read_reply(reader, method, timeout)
+    finally:
+        writer.close()
+
+
+class Client:
+    """A keep-alive client connection for several requests in a row."""
+
+    def __init__(self, reader, writer) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> "Client":
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def request(self, method: str = "GET", path: str = "/", *, headers=None, body=None,
+                      timeout: float = 10.0) -> Reply:
+        self.writer.write(build_request(method, path, headers, body))
+        await self.writer.drain()
+        return await read_reply(self.reader, method, timeout)
+
+    async def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def read_all(self, timeout: float = 5.0) -> bytes:
+        async with asyncio.timeout(timeout):
+            return await self.reader.read()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes, return everything the proxy sends until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            return await reader.read()
+    finally:
+        writer.close()
