@@ -102,6 +102,11 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._eof = True
+        if self._tunnel is not None:  # pass the half-close through the tunnel
+            conn = self._tunnel.conn
+            if conn is not None and conn.transport is not None and conn.transport.can_write_eof():
+                conn.transport.write_eof()
+            return True
         if self.current is None and not self.queue:
             return False  # nothing in flight: close
         return True       # half-close: keep writing the answer, then close

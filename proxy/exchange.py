@@ -97,7 +97,8 @@ class Exchange:
         self.conn = conn
         self._waiter = fut = asyncio.get_running_loop().create_future()
         body = b"".join(self.body_chunks)
-        conn.begin(self, self.head.method, head_bytes + body if body else head_bytes, self.body_complete)
+        conn.begin(self, self.head.method, head_bytes + body if body else head_bytes, self.body_complete,
+                   self.head.upgrade)
         if self.body_size > REPLAY_LIMIT:
             self._drop_replay()
         self.client.gate.resume(BUFFERING)

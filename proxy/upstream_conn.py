@@ -127,6 +127,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if rest is not None and ex is self.exchange:
             self._tunnel = True
+            self._timer.cancel()  # a tunnel may idle as long as its peers like
             ex.on_tunnel_open(self, rest)
         if ex is not None:
             ex.flush()
@@ -165,14 +166,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange.resume_client_reading()
 
     # -- driven by the exchange --------------------------------------------------------
-    def begin(self, exchange, method: bytes, data: bytes, complete: bool) -> None:
+    def begin(self, exchange, method: bytes, data: bytes, complete: bool, upgrade: bool = False) -> None:
         """Bind to an exchange and send the request head (plus any buffered body)."""
         self.exchange = exchange
         self.head_seen = False
         self.bytes_seen = False
         self.request_done = complete
         self.upstream_keep_alive = True
-        self._parser.start(method)
+        self._parser.start(method, upgrade)
         self.state = WAITING if complete else SENDING
         self._timer.set(self._loop.time() + self._timeouts.response_header)
         self.transport.write(data)

@@ -104,12 +104,14 @@ class H11ResponseParser:
         self._head_checked = False
         self.reusable = True
 
-    def start(self, method: bytes) -> None:
-        # Tell h11 what was asked, so it frames the answer (HEAD, RFC 9110 §9.3.2). The
-        # request itself was written by gatewise; h11 only needs its method.
+    def start(self, method: bytes, upgrade: bool = False) -> None:
+        # Tell h11 what was asked, so it frames the answer (HEAD, RFC 9110 §9.3.2) and
+        # accepts a 101 to an Upgrade. The request itself was written by gatewise.
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=self._max)
-        conn.send(h11.Request(method=method, target="/", headers=[("Host", "upstream"),
-                                                                 ("Content-Length", "0")]))
+        headers = [("Host", "upstream"), ("Content-Length", "0")]
+        if upgrade:
+            headers += [("Connection", "upgrade"), ("Upgrade", "proxied")]
+        conn.send(h11.Request(method=method, target="/", headers=headers))
         conn.send(h11.EndOfMessage())
         self._conn = conn
         self._head_buf = bytearray()

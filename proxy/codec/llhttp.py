@@ -121,8 +121,9 @@ class LlhttpResponseParser:
         self._started = False
         self.reusable = True  # False once this connection cannot carry another exchange
 
-    def start(self, method: bytes) -> None:
-        """A request was sent; the next response answers it."""
+    def start(self, method: bytes, upgrade: bool = False) -> None:
+        """A request was sent; the next response answers it. (llhttp recognises a 101
+        on its own, so `upgrade` needs no handling here.)"""
         self._head_only = method == b"HEAD"
         self._started = False
         self._in_head = True
