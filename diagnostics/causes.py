@@ -27,6 +27,7 @@ class Cause(StrEnum):
     DESTINATION_UNROUTABLE = "destination_unroutable"
     # request sent (perhaps partly), waiting for the response head
     CONNECTION_TERMINATED = "connection_terminated"
+    WRITE_TIMEOUT = "write_timeout"
     RESPONSE_TIMEOUT = "response_timeout"
     UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"
     RESPONSE_HEADERS_TOO_LARGE = "response_headers_too_large"
@@ -65,6 +66,8 @@ INFO: dict[Cause, CauseInfo] = {
     Cause.DESTINATION_UNROUTABLE: _(502, "destination_ip_unroutable", True, True, "no route to host"),
     Cause.CONNECTION_TERMINATED: _(502, "connection_terminated", False, True,
                                    "upstream closed the connection before a complete response head"),
+    Cause.WRITE_TIMEOUT: _(504, "connection_write_timeout", False, True,
+                           "upstream stopped reading the request body"),
     Cause.RESPONSE_TIMEOUT: _(504, "http_response_timeout", False, True, "no response head in time"),
     Cause.UPSTREAM_PROTOCOL_ERROR: _(502, "http_protocol_error", False, True,
                                      "upstream response is not valid HTTP/1.1"),

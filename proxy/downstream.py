@@ -14,6 +14,7 @@ queue while reading pauses.
 from __future__ import annotations
 
 import asyncio
+import traceback
 from collections import deque
 
 from diagnostics.causes import INFO, Cause
@@ -23,6 +24,7 @@ from proxy.errors import ClientFault, ClientTimeout, ProxyError, RequestBodyTooL
 from proxy.exchange import Exchange
 from proxy.flow import HIGH_WATER, LOW_WATER, QUEUED, Deadline, ReadGate
 from proxy.forward import forward
+from proxy.logs import log_event
 
 IDLE, HEAD, BUSY = "idle", "head", "busy"
 
@@ -39,7 +41,7 @@ class _Rejection:
 
 class DownstreamProtocol(asyncio.Protocol):
     __slots__ = ("proxy", "loop", "transport", "gate", "client_ip", "_parser", "_timer", "state",
-                 "current", "receiving", "queue", "closing", "_wbuf", "_write_paused", "_eof",
+                 "current", "receiving", "queue", "closing", "_wbuf", "_write_paused",
                  "_closed", "_tunnel")
 
     def __init__(self, proxy) -> None:
@@ -58,7 +60,6 @@ class DownstreamProtocol(asyncio.Protocol):
         self.closing = False                     # answer what is in flight, then close
         self._wbuf: list[bytes] = []
         self._write_paused = False
-        self._eof = False
         self._closed = False
         self._tunnel: Exchange | None = None
 
@@ -96,20 +97,24 @@ class DownstreamProtocol(asyncio.Protocol):
         except ProxyError as exc:  # raised by an exchange while taking body bytes
             self._reject(exc)
             return
+        except Exception as exc:  # a bug in gatewise: 500 proxy_internal_error, never a crash
+            log_event("internal_error", where="downstream", error=repr(exc),
+                      traceback=traceback.format_exc())
+            self._reject(ProxyError(f"internal error: {type(exc).__name__}"))
+            return
         if rest is not None:
             self._await_tunnel(rest)
         self.flush()
 
     def eof_received(self) -> bool:
-        self._eof = True
         if self._tunnel is not None:  # pass the half-close through the tunnel
             conn = self._tunnel.conn
             if conn is not None and conn.transport is not None and conn.transport.can_write_eof():
                 conn.transport.write_eof()
             return True
-        if self.current is None and not self.queue:
-            return False  # nothing in flight: close
-        return True       # half-close: keep writing the answer, then close
+        # Like nginx (proxy_ignore_client_abort off): a client that closes its side is
+        # gone; what it had in flight is cancelled and recorded as client_disconnected.
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -184,7 +189,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self.close()  # the client was told (or must learn) that this is the last answer
         elif self.queue:
             self._next()
-        elif self.closing or self._eof:
+        elif self.closing:
             self.close()
         else:
             if self.receiving is ex:
@@ -194,13 +199,13 @@ class DownstreamProtocol(asyncio.Protocol):
     def _next(self) -> None:
         """Serve the next pipelined item: a request, or a rejection queued behind them."""
         item = self.queue.popleft()
-        if not self.queue:
-            self.gate.resume(QUEUED)
         if isinstance(item, _Rejection):
             self.queue.clear()
             self._answer_rejection(item.exchange, item.error)
-        else:
-            self._start(item)
+            return
+        if not self.queue:
+            self.gate.resume(QUEUED)
+        self._start(item)
 
     def send_error(self, ex: Exchange | None, exc: ProxyError) -> None:
         """Answer with a gatewise-generated error (never after a response head)."""
@@ -224,7 +229,6 @@ class DownstreamProtocol(asyncio.Protocol):
         received are answered first (RFC 9112 §9.3.2 keeps responses in order); then
         the rejection is answered and the connection closed. Nothing more is read."""
         self.gate.pause(QUEUED)
-        self.closing = True
         ex = self.receiving
         if ex is None or ex.body_complete or ex.finished:
             ex = None  # the error is in a new request that never became an exchange
@@ -250,6 +254,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self._next()
 
     def _answer_rejection(self, ex: Exchange | None, exc: ProxyError) -> None:
+        self.closing = True
         self.current = None
         if ex is not None:
             ex.finished = True
@@ -334,6 +339,8 @@ class DownstreamProtocol(asyncio.Protocol):
         elif self.state is HEAD:
             self._reject(ClientTimeout(f"no complete request head within {t.client_header:g} s "
                                        f"(timeouts.client_header)"))
+        elif self.gate.paused:  # we stopped reading (the upstream is full): not the client's fault
+            self._timer.set(self.loop.time() + t.client_idle)
         else:
             self._reject(ClientTimeout(f"request body stalled for {t.client_idle:g} s "
                                        f"(timeouts.client_idle)"))

@@ -67,6 +67,10 @@ class ConnectionTerminated(AwaitingHead):
     cause = Cause.CONNECTION_TERMINATED
 
 
+class WriteTimeout(AwaitingHead):
+    cause = Cause.WRITE_TIMEOUT
+
+
 class ResponseTimeout(AwaitingHead):
     cause = Cause.RESPONSE_TIMEOUT
 

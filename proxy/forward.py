@@ -6,8 +6,8 @@ Retry rules (nginx proxy_next_upstream, Envoy retry policies, RFC 9110 §9.2.2):
 - A connect-phase failure (BeforeSend) is always retried: nothing was sent.
 - Any later failure is retried only for idempotent methods (or every method with
   `retry_non_idempotent`), and only while the request body is still replayable.
-- The keep-alive race: a request that fails on a *reused* pooled connection before any
-  response byte arrives is retried once on a fresh connection to the same server when
+- The keep-alive race: a request whose *reused* pooled connection is closed or reset
+  before any response byte arrives (never a timeout) is retried once on a fresh connection to the same server when
   it is idempotent. That retry does not use up `retries`, is counted in the recorder,
   and never reaches the client as a 502. (A pooled connection already seen closed is
   never leased, so a non-idempotent request only meets the race when the close crosses
@@ -23,8 +23,8 @@ import traceback
 from diagnostics.causes import INFO, Cause
 from diagnostics.classify import classify
 from proxy import headers as H
-from proxy.errors import (AwaitingHead, BeforeSend, ClientDisconnected, LoopDetected, NoRoute,
-                          NoServerAvailable, ProxyError)
+from proxy.errors import (AwaitingHead, BadRequest, BeforeSend, ClientDisconnected,
+                          ConnectionTerminated, LoopDetected, NoRoute, NoServerAvailable, ProxyError)
 from proxy.logs import log_event
 from proxy.router import split_target, rewrite_target
 
@@ -76,7 +76,10 @@ async def _forward(proxy, ex, loop) -> None:
     info = ex.info
     if info.looped:
         raise LoopDetected(f"Via already names {proxy.cfg.diagnostics.proxy_name}")
-    authority, path = split_target(ex.head.target)
+    try:
+        authority, path = split_target(ex.head.target)
+    except ValueError as exc:
+        raise BadRequest(f"unsupported request target: {exc}") from None
     host = authority if authority is not None else info.host
     route = proxy.router.match(host, path)
     if route is None:
@@ -121,7 +124,8 @@ async def _attempt(proxy, pool, server, ex, head_bytes: bytes, loop) -> None:
                 await ex.begin(conn, head_bytes)
                 proxy.on_success(server, loop.time() - started)
                 return
-            except AwaitingHead:
+            except ConnectionTerminated:
+                # Only a close/reset before any byte is the race; a timeout is not.
                 if (race_retry and conn.reused and not conn.bytes_seen and ex.replayable
                         and (ex.info.idempotent or pool.retry_non_idempotent)):
                     race_retry = False

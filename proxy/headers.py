@@ -71,8 +71,9 @@ def scan_request(head: RequestHead, proxy_name: bytes) -> RequestInfo:
         if lname == b"host":
             info.host = value
         elif lname == b"content-length":
-            info.framing = LENGTH
-            info.content_length = int(value)
+            if info.framing != CHUNKED:  # the codecs reject CL with TE; never trust order
+                info.framing = LENGTH
+                info.content_length = int(value)
         elif lname == b"transfer-encoding":
             info.framing = CHUNKED  # the codec has rejected anything but "..., chunked"
         elif lname == b"x-request-id":

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
-import time
+import sys
 
 from diagnostics import error_body, proxy_status
 from diagnostics.causes import INFO, Cause
@@ -227,6 +226,14 @@ def run_forever(cfg: ProxyConfig) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio still works
         uvloop = None
 
+    https = [f"pools.{p.name}.servers[{i}].url: https:// upstreams are not supported yet "
+             f"(TLS arrives in a later release); refusing to send plaintext to {s.url}"
+             for p in cfg.pools.values() for i, s in enumerate(p.servers) if s.scheme == "https"]
+    if https:
+        for line in https:
+            print(line, file=sys.stderr)
+        return 1
+
     async def main() -> int:
         server = Server(cfg)
         try:
@@ -244,6 +251,9 @@ def run_forever(cfg: ProxyConfig) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # Reload arrives in a later release; until then SIGHUP must not kill the proxy.
+        loop.add_signal_handler(signal.SIGHUP, lambda: log_event(
+            "warning", message="SIGHUP: config reload is not supported yet; still serving the loaded config"))
         await stop.wait()
         log_event("draining", grace_s=cfg.timeouts.shutdown_grace, connections=len(proxy.connections))
         await server.stop()

@@ -5,7 +5,9 @@ connect errors by errno, then one exception per phase for what goes wrong after.
 
 Phases of a connection and the one timer that guards each (flow.Deadline):
     IDLE       pooled; expires at the pool's idle expiry        -> closed quietly
-    SENDING    request head/body going out; refreshed by progress -> ResponseTimeout
+    SENDING    request body still coming from the client: no timer (a slow client is
+               the client side's business), except while the upstream does not read
+               what we send (its buffer is full): idle_read       -> WriteTimeout
     WAITING    request fully sent, no head yet (response_header) -> ResponseTimeout
     BODY       head forwarded; longest silence is idle_read      -> BodyReadTimeout
 While the client cannot keep up (its buffer is full) reading is paused and the BODY
@@ -20,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import traceback
 
 from proxy.codec import make_response_parser
 from proxy.errors import (AfterHead, BodyReadTimeout, ConnectionTerminated, ConnectRefused, ConnectTimeout,
                           DestinationUnroutable, ProxyError, ResponseIncomplete, ResponseTimeout,
-                          UpstreamProtocolError)
+                          UpstreamProtocolError, WriteTimeout)
 from proxy.flow import HIGH_WATER, LOW_WATER, Deadline
+from proxy.logs import log_event
 
 IDLE, SENDING, WAITING, BODY, CLOSED = "idle", "sending", "waiting", "body", "closed"
 
@@ -125,6 +129,11 @@ class UpstreamConnection(asyncio.Protocol):
             exc.upstream = self.server.address
             self.fail(exc)
             return
+        except Exception as exc:  # a bug in gatewise: proxy_internal_error, never a crash
+            log_event("internal_error", where="upstream", error=repr(exc),
+                      traceback=traceback.format_exc())
+            self.fail(ProxyError(f"internal error: {type(exc).__name__}", upstream=self.server.address))
+            return
         if rest is not None and ex is self.exchange:
             self._tunnel = True
             self._timer.cancel()  # a tunnel may idle as long as its peers like
@@ -158,10 +167,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = CLOSED
 
     def pause_writing(self) -> None:
+        if self.state is SENDING:
+            self._timer.set(self._loop.time() + self._timeouts.idle_read)
         if self.exchange is not None:
             self.exchange.pause_client_reading()
 
     def resume_writing(self) -> None:
+        if self.state is SENDING:
+            self._timer.set(None)
         if self.exchange is not None:
             self.exchange.resume_client_reading()
 
@@ -175,13 +188,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.upstream_keep_alive = True
         self._parser.start(method, upgrade)
         self.state = WAITING if complete else SENDING
-        self._timer.set(self._loop.time() + self._timeouts.response_header)
+        self._timer.set(self._loop.time() + self._timeouts.response_header if complete else None)
         self.transport.write(data)
 
     def send(self, data: bytes) -> None:
         self.transport.write(data)
-        if self.state is SENDING:
-            self._timer.set(self._loop.time() + self._timeouts.response_header)
 
     def send_done(self) -> None:
         self.request_done = True
@@ -275,6 +286,9 @@ class UpstreamConnection(asyncio.Protocol):
         elif state is BODY:
             self.fail(BodyReadTimeout(f"no body bytes for {self._timeouts.idle_read:g} s "
                                       f"(timeouts.idle_read)", upstream=address))
-        elif state in (SENDING, WAITING):
+        elif state is SENDING:
+            self.fail(WriteTimeout(f"upstream read none of the request body for "
+                                   f"{self._timeouts.idle_read:g} s (timeouts.idle_read)", upstream=address))
+        elif state is WAITING:
             self.fail(ResponseTimeout(f"no response head within {self._timeouts.response_header:g} s "
                                       f"(timeouts.response_header)", upstream=address))

@@ -68,6 +68,11 @@ class H11RequestParser:
                         return None
                     if isinstance(ev, h11.Request):
                         headers = list(ev.headers.raw_items())
+                        names = {n.lower() for n, _ in headers}
+                        if b"content-length" in names and b"transfer-encoding" in names:
+                            # h11 lets Transfer-Encoding win (RFC 9112 §6.3 allows it); a
+                            # proxy must not, or the next hop may frame it differently.
+                            raise BadRequest("Content-Length together with Transfer-Encoding")
                         version = ev.http_version
                         self._upgrade = (b"upgrade" in _tokens(headers, b"connection")
                                          and any(n.lower() == b"upgrade" for n, _ in headers))

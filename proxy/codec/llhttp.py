@@ -140,9 +140,11 @@ class LlhttpResponseParser:
         except httptools.HttpParserCallbackError as exc:
             inner = _unwrap(exc)
             if isinstance(inner, _HeadOnly):
-                self.reusable = False
                 return None
-            raise inner from None
+            self.reusable = False
+            if isinstance(inner, ProxyError):
+                raise inner from None
+            raise UpstreamProtocolError(f"invalid response: {inner}") from None
         except httptools.HttpParserError as exc:
             self.reusable = False
             raise UpstreamProtocolError(f"invalid response: {exc}") from None
@@ -198,6 +200,7 @@ class LlhttpResponseParser:
                 n.lower() in (b"content-length", b"transfer-encoding") for n, _ in headers)
         self._h.on_response_head(head)
         if self._head_only:
+            self.reusable = False  # before on_response_end, which decides about pooling
             self._h.on_response_end([])
             raise _HeadOnly
 
