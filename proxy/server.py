@@ -110,7 +110,7 @@ class Proxy:
         """The whole HTTP/1.1 response gatewise sends instead of the upstream's."""
         cause = classify(exc)
         info = INFO[cause]
-        request_id = ex.info.request_id if ex is not None else _new_id()
+        request_id = ex.info.request_id if ex is not None else _new_id()  # a request with no parsed head
         next_hop = exc.upstream
         details = exc.detail or info.summary
         attempts = ex.attempts if ex is not None else []
@@ -136,13 +136,15 @@ class Proxy:
                          b"Proxy-Status: ", member, b"\r\n",
                          b"X-Request-Id: ", request_id.encode(), b"\r\n",
                          connection, b"\r\n"))
-        self.record(ex, exc, status=info.status, details=details)
+        self.record(ex, exc, status=info.status, details=details, request_id=request_id)
         return head + body_out
 
-    def record(self, ex, exc: ProxyError, *, status: int | None = None, details: str | None = None) -> None:
+    def record(self, ex, exc: ProxyError, *, status: int | None = None, details: str | None = None,
+               request_id: str | None = None) -> None:
         cause = classify(exc)
         info = INFO[cause]
-        request_id = ex.info.request_id if ex is not None else "-"
+        if request_id is None:
+            request_id = ex.info.request_id if ex is not None else "-"
         method = ex.head.method.decode("latin-1") if ex is not None else "-"
         path = ex.head.target[:512].decode("latin-1") if ex is not None else "-"
         entry = self.recorder.record_failure(
@@ -236,6 +238,14 @@ def run_forever(cfg: ProxyConfig) -> int:
 
     async def main() -> int:
         server = Server(cfg)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        # Handlers first: once the port accepts connections, a signal must drain.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        # Reload arrives in a later release; until then SIGHUP must not kill the proxy.
+        loop.add_signal_handler(signal.SIGHUP, lambda: log_event(
+            "warning", message="SIGHUP: config reload is not supported yet; still serving the loaded config"))
         try:
             await server.start()
         except OSError as exc:
@@ -247,13 +257,6 @@ def run_forever(cfg: ProxyConfig) -> int:
                   config=cfg.source)
         if cfg.listen.workers > 1:
             log_event("warning", message="listen.workers > 1 is not supported yet; running one worker")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        # Reload arrives in a later release; until then SIGHUP must not kill the proxy.
-        loop.add_signal_handler(signal.SIGHUP, lambda: log_event(
-            "warning", message="SIGHUP: config reload is not supported yet; still serving the loaded config"))
         await stop.wait()
         log_event("draining", grace_s=cfg.timeouts.shutdown_grace, connections=len(proxy.connections))
         await server.stop()

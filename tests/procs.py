@@ -35,6 +35,16 @@ def vm_rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def caught_signals(pid: int) -> set[int]:
+    """Signals the process has a handler for (SigCgt in /proc/<pid>/status)."""
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"SigCgt:"):
+                mask = int(line.split()[1], 16)
+                return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+    raise RuntimeError(f"no SigCgt for pid {pid}")
+
+
 class _Child:
     """A child process whose stdout/stderr lines are collected as they arrive."""
 
@@ -123,6 +133,22 @@ class _Child:
             code = await self.proc.wait()
             await asyncio.gather(*self._readers, return_exceptions=True)
         return code
+
+    async def wait_handles(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        """Poll (with a deadline) until the process has installed a handler for `sig`: a
+        signal sent before that gets the default action (SIGTERM kills outright)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if self.proc.returncode is not None:
+                raise AssertionError(f"{self.label} exited {self.proc.returncode} before handling "
+                                     f"{signal.Signals(sig).name}")
+            if sig in caught_signals(self.pid):
+                return
+            if loop.time() > deadline:
+                raise AssertionError(f"{self.label}: no handler for {signal.Signals(sig).name} "
+                                     f"within {timeout} s")
+            await asyncio.sleep(0.005)   # polling pace
 
     def send_signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -227,8 +253,9 @@ def write_config(path: Path, servers: list[str], *, pool: dict | None = None, **
 
 
 async def stop_gracefully(child: _Child, timeout: float = 10.0) -> int:
-    """SIGTERM and wait for the exit code."""
+    """SIGTERM (once it is handled) and wait for the exit code."""
     if child.returncode is None:
+        await child.wait_handles(signal.SIGTERM)
         child.send_signal(signal.SIGTERM)
     return await child.wait_exit(timeout)
 
