@@ -20,7 +20,7 @@ from collections import deque
 from diagnostics.causes import INFO, Cause
 from proxy import headers as H
 from proxy.codec import make_request_parser
-from proxy.errors import ClientFault, ClientTimeout, ProxyError, RequestBodyTooLarge
+from proxy.errors import BadRequest, ClientFault, ClientTimeout, ProxyError, RequestBodyTooLarge
 from proxy.exchange import Exchange
 from proxy.flow import HIGH_WATER, LOW_WATER, QUEUED, Deadline, ReadGate
 from proxy.forward import forward
@@ -42,7 +42,7 @@ class _Rejection:
 class DownstreamProtocol(asyncio.Protocol):
     __slots__ = ("proxy", "loop", "transport", "gate", "client_ip", "_parser", "_timer", "state",
                  "current", "receiving", "queue", "closing", "_wbuf", "_write_paused",
-                 "_closed", "_tunnel")
+                 "_closed", "_tunnel", "_refused_head")
 
     def __init__(self, proxy) -> None:
         self.proxy = proxy
@@ -62,6 +62,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._write_paused = False
         self._closed = False
         self._tunnel: Exchange | None = None
+        self._refused_head: Exchange | None = None  # refused in on_request_head itself
 
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -148,8 +149,12 @@ class DownstreamProtocol(asyncio.Protocol):
         info = H.scan_request(head, proxy.proxy_name_b)
         ex = Exchange(self, head, info, self.loop.time())
         self.receiving = ex
+        if info.problem is not None:
+            self._refused_head = ex  # the rejection belongs to this request
+            raise BadRequest(info.problem)
         limit = proxy.cfg.limits.max_request_body_bytes
         if limit and info.framing == H.LENGTH and info.content_length > limit:
+            self._refused_head = ex
             raise RequestBodyTooLarge(f"Content-Length {info.content_length} over "
                                       f"limits.max_request_body_bytes = {limit}")
         self.state = BUSY
@@ -229,8 +234,8 @@ class DownstreamProtocol(asyncio.Protocol):
         received are answered first (RFC 9112 §9.3.2 keeps responses in order); then
         the rejection is answered and the connection closed. Nothing more is read."""
         self.gate.pause(QUEUED)
-        ex = self.receiving
-        if ex is None or ex.body_complete or ex.finished:
+        ex = self._refused_head or self.receiving
+        if ex is not self._refused_head and (ex is None or ex.body_complete or ex.finished):
             ex = None  # the error is in a new request that never became an exchange
         if ex is not None and ex is self.current:
             if ex.committed:  # the response is already streaming: only an abort is honest
@@ -244,11 +249,9 @@ class DownstreamProtocol(asyncio.Protocol):
             self.queue.clear()
             self._answer_rejection(ex, exc)
             return
-        if ex is not None:  # its head is queued behind the one in flight
-            while self.queue and self.queue[-1] is not ex:
-                self.queue.pop()
-            if self.queue:
-                self.queue.pop()
+        if ex is not None and ex in self.queue:  # drop it and anything read after it
+            while self.queue.pop() is not ex:
+                pass
         self.queue.append(_Rejection(ex, exc))
         if self.current is None:
             self._next()

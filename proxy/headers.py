@@ -45,7 +45,7 @@ class RequestInfo:
     """What the forwarding logic needs to know about a request, from one header scan."""
 
     __slots__ = ("host", "request_id", "framing", "content_length", "idempotent", "expect_continue",
-                 "looped", "accept", "te_trailers")
+                 "looped", "accept", "te_trailers", "problem")
 
     def __init__(self) -> None:
         self.host: bytes | None = None
@@ -57,6 +57,7 @@ class RequestInfo:
         self.looped = False
         self.accept: bytes | None = None
         self.te_trailers = False
+        self.problem: str | None = None  # why the request must be refused with 400
 
 
 # RFC 9110 §9.2.2: idempotent methods may be retried after a partial failure.
@@ -66,16 +67,22 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 def scan_request(head: RequestHead, proxy_name: bytes) -> RequestInfo:
     info = RequestInfo()
     info.idempotent = head.method in IDEMPOTENT
+    hosts = 0
     for name, value in head.headers:
         lname = name.lower()
         if lname == b"host":
             info.host = value
+            hosts += 1
         elif lname == b"content-length":
             if info.framing != CHUNKED:  # the codecs reject CL with TE; never trust order
                 info.framing = LENGTH
                 info.content_length = int(value)
         elif lname == b"transfer-encoding":
             info.framing = CHUNKED  # the codec has rejected anything but "..., chunked"
+            if value.strip().lower() != b"chunked":
+                # RFC 9112 §6.1: a coding we do not implement (gzip, chunked) cannot be
+                # re-framed without changing the body; refuse rather than forward it wrong.
+                info.problem = "unsupported transfer coding: " + value.decode("latin-1")
         elif lname == b"x-request-id":
             if _SANE_ID.fullmatch(value):
                 info.request_id = value.decode()
@@ -89,6 +96,13 @@ def scan_request(head: RequestHead, proxy_name: bytes) -> RequestInfo:
             info.te_trailers = b"trailers" in value.lower()
     if info.framing == LENGTH and info.content_length == 0:
         info.framing = NO_BODY
+    # RFC 9112 §3.2: exactly one Host in HTTP/1.1, at most one in 1.0, else 400.
+    if hosts > 1:
+        info.problem = "more than one Host header"
+    elif hosts == 0 and head.version == b"1.1":
+        info.problem = "HTTP/1.1 request without a Host header"
+    if head.method == b"CONNECT":
+        info.problem = "CONNECT is not supported: gatewise is a reverse proxy"
     if not info.request_id:
         info.request_id = new_request_id()
     return info
