@@ -149,4 +149,4 @@ async def _attempt(proxy, pool, server, ex, head_bytes: bytes, loop) -> None:
 
 def _note_attempt(ex, server, exc: ProxyError, elapsed: float, now: float) -> None:
     ex.attempts.append({"server": server.address, "error": INFO[classify(exc)].token,
-                        "details": exc.detail, "elapsed_ms": round(elapsed * 1000, 1)})
+                        "details": exc.detail, "elapsed_ms": round(elapsed * 1000, 2)})

@@ -37,7 +37,8 @@ _UNROUTABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENE
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms"
+    ms = seconds * 1000
+    return f"{ms:.2f} ms" if ms < 1 else f"{ms:.1f} ms"
 
 
 def looks_like_tls(data: bytes) -> bool:
