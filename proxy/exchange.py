@@ -30,8 +30,7 @@ REPLAY_LIMIT = 64 * 1024
 class Exchange:
     __slots__ = ("client", "head", "info", "target", "started", "task", "conn", "_waiter",
                  "body_chunks", "body_size", "body_received", "body_complete", "replayable",
-                 "committed", "finished", "framing", "keep_alive", "status", "attempts",
-                 "race_retries", "tunnel", "route_pool")
+                 "committed", "finished", "framing", "keep_alive", "status", "attempts")
 
     def __init__(self, client, head, info: H.RequestInfo, started: float) -> None:
         self.client = client
@@ -55,9 +54,6 @@ class Exchange:
         self.keep_alive = head.keep_alive
         self.status = 0
         self.attempts: list[dict] = []
-        self.race_retries = 0
-        self.tunnel = False
-        self.route_pool: str | None = None
 
     # -- request body, from the client ------------------------------------------------
     def on_client_body(self, data: bytes) -> None:
@@ -175,7 +171,6 @@ class Exchange:
 
     # -- tunnel (Upgrade, RFC 9110 §7.8) ---------------------------------------------------
     def on_tunnel_open(self, conn, rest: bytes) -> None:
-        self.tunnel = True
         self.client.open_tunnel(self, rest)
 
     def on_tunnel_data(self, data: bytes) -> None:

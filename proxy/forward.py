@@ -86,7 +86,6 @@ async def _forward(proxy, ex, loop) -> None:
         raise NoRoute(f"no route for host {(host or b'').decode('latin-1')!r} "
                       f"path {path[:200].decode('latin-1')!r}")
     pool = proxy.pools[route.pool]
-    ex.route_pool = pool.name
     ex.target = rewrite_target(route, path)
     head_bytes = H.build_request_head(ex.head, info, target=ex.target, client_ip=ex.client.client_ip,
                                       proto=b"http", via=proxy.via)
@@ -122,14 +121,12 @@ async def _attempt(proxy, pool, server, ex, head_bytes: bytes, loop) -> None:
                 conn = await proxy.connect(pool, server)
             try:
                 await ex.begin(conn, head_bytes)
-                proxy.on_success(server, loop.time() - started)
                 return
             except ConnectionTerminated:
                 # Only a close/reset before any byte is the race; a timeout is not.
                 if (race_retry and conn.reused and not conn.bytes_seen and ex.replayable
                         and (ex.info.idempotent or pool.retry_non_idempotent)):
                     race_retry = False
-                    ex.race_retries += 1
                     proxy.recorder.keepalive_race_retries += 1
                     ex.detach()
                     conn = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from http import HTTPStatus
 
 from proxy.codec.base import Headers, RequestHead, ResponseHead
 
@@ -44,8 +45,8 @@ def _connection_tokens(headers: Headers) -> set[bytes]:
 class RequestInfo:
     """What the forwarding logic needs to know about a request, from one header scan."""
 
-    __slots__ = ("host", "request_id", "framing", "content_length", "idempotent", "expect_continue",
-                 "looped", "accept", "te_trailers", "problem")
+    __slots__ = ("host", "request_id", "framing", "content_length", "idempotent", "looped", "accept",
+                 "te_trailers", "problem")
 
     def __init__(self) -> None:
         self.host: bytes | None = None
@@ -53,7 +54,6 @@ class RequestInfo:
         self.framing = NO_BODY
         self.content_length = 0
         self.idempotent = False
-        self.expect_continue = False
         self.looped = False
         self.accept: bytes | None = None
         self.te_trailers = False
@@ -88,8 +88,6 @@ def scan_request(head: RequestHead, proxy_name: bytes) -> RequestInfo:
                 info.request_id = value.decode()
         elif lname == b"via":
             info.looped = info.looped or _via_names(value, proxy_name)
-        elif lname == b"expect":
-            info.expect_continue = value.strip().lower() == b"100-continue"
         elif lname == b"accept":
             info.accept = value
         elif lname == b"te":
@@ -173,15 +171,16 @@ _STATUS_LINES: dict[int, bytes] = {}
 
 
 def status_line(status: int, reason: bytes = b"") -> bytes:
-    line = _STATUS_LINES.get(status) if not reason else None
+    """b"HTTP/1.1 502 Bad Gateway\r\n"; lines with the standard reason are built once."""
+    if reason:
+        return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    line = _STATUS_LINES.get(status)
     if line is None:
-        from http import HTTPStatus
-        if not reason:
-            try:
-                reason = HTTPStatus(status).phrase.encode()
-            except ValueError:
-                reason = b"Unknown"
-        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        try:
+            phrase = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            phrase = b"Unknown"
+        line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, phrase)
     return line
 
 

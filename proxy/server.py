@@ -22,6 +22,7 @@ from proxy.codec import resolve_parser
 from proxy.config import ProxyConfig
 from proxy.downstream import DownstreamProtocol
 from proxy.errors import ProxyError
+from proxy.headers import new_request_id, status_line
 from proxy.logs import log_event
 from proxy.pool import IdlePool, idle_expiry
 from proxy.router import Route, Router
@@ -75,7 +76,7 @@ class Proxy:
         def factory() -> UpstreamConnection:
             conn = UpstreamConnection(self.loop, server, self.parser_kind,
                                       cfg.limits.max_response_header_bytes, cfg.timeouts)
-            conn.on_idle_close = idle.discard
+            conn.idle_pool = idle
             return conn
 
         return await connect(self.loop, server.host, server.port, cfg.timeouts.connect, factory)
@@ -88,18 +89,8 @@ class Proxy:
         now = self.loop.time()
         expires = idle_expiry(now, self.cfg.timeouts.upstream_idle, conn.keepalive_timeout)
         conn.release(expires)
-        pool = self.pools_by_server(conn.server)
-        for c in pool.idle[conn.server].put(conn, expires, now):
+        for c in conn.idle_pool.put(conn, expires, now):
             c.close()
-
-    def pools_by_server(self, server: ServerState) -> PoolRuntime:
-        for pool in self.pools.values():
-            if server in pool.idle:
-                return pool
-        raise KeyError(server.url)
-
-    def on_success(self, server: ServerState, elapsed: float) -> None:
-        pass  # latency tracking arrives with the recorder's percentiles (issue 3)
 
     # -- errors ----------------------------------------------------------------------------
     def received_status_member(self, next_hop: str, status: int) -> bytes:
@@ -110,7 +101,7 @@ class Proxy:
         """The whole HTTP/1.1 response gatewise sends instead of the upstream's."""
         cause = classify(exc)
         info = INFO[cause]
-        request_id = ex.info.request_id if ex is not None else _new_id()  # a request with no parsed head
+        request_id = ex.info.request_id if ex is not None else new_request_id()  # a request with no parsed head
         next_hop = exc.upstream
         details = exc.detail or info.summary
         attempts = ex.attempts if ex is not None else []
@@ -129,7 +120,7 @@ class Proxy:
             connection = b"Connection: keep-alive\r\n"
         else:
             connection = b""
-        head = b"".join((_status_line(info.status),
+        head = b"".join((status_line(info.status),
                          b"Content-Type: ", ctype, b"\r\n",
                          b"Content-Length: ", str(len(body)).encode(), b"\r\n",
                          b"Cache-Control: no-store\r\n",
@@ -153,22 +144,6 @@ class Proxy:
             details=details or exc.detail or info.summary,
             attempts=list(ex.attempts) if ex is not None else [])
         log_event("request_failed", **entry)
-
-
-_STATUS_CACHE: dict[int, bytes] = {}
-
-
-def _status_line(status: int) -> bytes:
-    line = _STATUS_CACHE.get(status)
-    if line is None:
-        from proxy.headers import status_line
-        line = _STATUS_CACHE[status] = status_line(status)
-    return line
-
-
-def _new_id() -> str:
-    from proxy.headers import new_request_id
-    return new_request_id()
 
 
 class Server:

@@ -77,7 +77,7 @@ async def connect(loop: asyncio.AbstractEventLoop, host: str, port: int, timeout
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("_loop", "_parser", "_timer", "_timeouts", "transport", "state", "exchange",
-                 "server", "reused", "head_seen", "request_done", "alive", "on_idle_close",
+                 "server", "reused", "head_seen", "request_done", "alive", "idle_pool",
                  "keepalive_timeout", "upstream_keep_alive", "_client_paused", "bytes_seen", "_tunnel")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, server, parser_kind: str,
@@ -94,7 +94,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_seen = False
         self.request_done = False
         self.alive = False
-        self.on_idle_close = None  # set by the pool owner: forget this connection
+        self.idle_pool = None  # the server's IdlePool, set by whoever opened this connection
         self.keepalive_timeout: float | None = None
         self.upstream_keep_alive = True
         self._client_paused = False
@@ -267,8 +267,8 @@ class UpstreamConnection(asyncio.Protocol):
     # -- failures -------------------------------------------------------------------------
     def _lost(self, why: str) -> None:
         if self.exchange is None:
-            if self.state is IDLE and self.on_idle_close is not None:
-                self.on_idle_close(self)
+            if self.state is IDLE and self.idle_pool is not None:
+                self.idle_pool.discard(self)
             self.alive = False
             return
         address = self.server.address
@@ -282,8 +282,8 @@ class UpstreamConnection(asyncio.Protocol):
         address = self.server.address
         if state is IDLE:
             self.close()
-            if self.on_idle_close is not None:
-                self.on_idle_close(self)
+            if self.idle_pool is not None:
+                self.idle_pool.discard(self)
         elif state is BODY:
             self.fail(BodyReadTimeout(f"no body bytes for {self._timeouts.idle_read:g} s "
                                       f"(timeouts.idle_read)", upstream=address))

@@ -104,7 +104,7 @@ class LlhttpRequestParser:
 
 class LlhttpResponseParser:
     __slots__ = ("_p", "_h", "_max", "_reason", "_headers", "_size", "_raw", "_in_head",
-                 "_head_only", "_interim", "_close_delimited", "_started", "reusable")
+                 "_head_only", "_interim", "_close_delimited", "reusable")
 
     def __init__(self, handler, max_head_bytes: int) -> None:
         self._p = httptools.HttpResponseParser(self)
@@ -118,14 +118,12 @@ class LlhttpResponseParser:
         self._head_only = False
         self._interim = False
         self._close_delimited = False
-        self._started = False
         self.reusable = True  # False once this connection cannot carry another exchange
 
     def start(self, method: bytes, upgrade: bool = False) -> None:
         """A request was sent; the next response answers it. (llhttp recognises a 101
         on its own, so `upgrade` needs no handling here.)"""
         self._head_only = method == b"HEAD"
-        self._started = False
         self._in_head = True
         self._raw = 0
 
@@ -169,7 +167,6 @@ class LlhttpResponseParser:
         self._headers = []
         self._size = 0
         self._in_head = True
-        self._started = True
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
