@@ -52,8 +52,8 @@ class IdlePool:
             return [conn]
         self._idle.append((conn, expires))
         if len(self._idle) > self.max_idle:
-            evicted, = (self._idle.pop(0),)
-            return [evicted[0]]
+            oldest, _ = self._idle.pop(0)
+            return [oldest]
         return []
 
     def discard(self, conn) -> None:

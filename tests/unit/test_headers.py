@@ -1,0 +1,142 @@
+"""Pure header rewriting (proxy/headers.py): no sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy import headers as H
+from proxy.codec.base import RequestHead, ResponseHead
+
+
+def req(headers, method=b"GET", target=b"/", version=b"1.1", upgrade=False) -> RequestHead:
+    return RequestHead(method, target, version, headers, True, upgrade)
+
+
+def lines(head: bytes) -> list[bytes]:
+    assert head.endswith(b"\r\n\r\n")
+    return head[:-4].split(b"\r\n")
+
+
+def build(headers, **kw):
+    head = req(headers, **{k: v for k, v in kw.items() if k in ("method", "target", "version", "upgrade")})
+    info = H.scan_request(head, b"gatewise")
+    out = H.build_request_head(head, info, target=head.target, client_ip=b"10.0.0.7", proto=b"http",
+                               via=b"1.1 gatewise")
+    return info, lines(out)
+
+
+def test_hop_by_hop_and_connection_named_fields_are_removed():
+    info, out = build([(b"Host", b"a"), (b"Connection", b"keep-alive, X-Secret"), (b"X-Secret", b"1"),
+                       (b"Keep-Alive", b"timeout=5"), (b"Proxy-Connection", b"keep-alive"),
+                       (b"TE", b"gzip"), (b"Trailer", b"X-T"), (b"Upgrade", b"h2c"), (b"X-Keep", b"yes")])
+    names = [line.split(b":")[0].lower() for line in out[1:]]
+    for gone in (b"connection", b"x-secret", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"):
+        assert gone not in names
+    assert b"X-Keep: yes" in out
+    assert b"Host: a" in out  # Host is kept as the client sent it
+
+
+def test_forwarding_fields_are_appended_or_set():
+    info, out = build([(b"Host", b"shop.example"), (b"X-Forwarded-For", b"1.2.3.4"),
+                       (b"X-Forwarded-Proto", b"https"), (b"X-Forwarded-Host", b"evil"), (b"Via", b"1.0 edge")])
+    assert b"X-Forwarded-For: 1.2.3.4, 10.0.0.7" in out
+    assert b"X-Forwarded-Proto: http" in out and b"X-Forwarded-Proto: https" not in out
+    assert b"X-Forwarded-Host: shop.example" in out and b"X-Forwarded-Host: evil" not in out
+    assert b"Via: 1.0 edge, 1.1 gatewise" in out
+    assert out[0] == b"GET / HTTP/1.1"
+
+
+@pytest.mark.parametrize("incoming,kept", [(b"abc-123_x.y:z", True), (b"has space", False),
+                                           (b"x" * 129, False), (b"", False)])
+def test_request_id_kept_only_when_sane(incoming, kept):
+    info, out = build([(b"Host", b"a"), (b"X-Request-Id", incoming)])
+    assert (info.request_id == incoming.decode()) is kept
+    assert out.count(b"X-Request-Id: " + info.request_id.encode()) == 1
+
+
+def test_framing_is_decided_once():
+    info, out = build([(b"Host", b"a"), (b"Content-Length", b"5")], method=b"POST")
+    assert info.framing == H.LENGTH and b"Content-Length: 5" in out
+    info, out = build([(b"Host", b"a"), (b"Transfer-Encoding", b"chunked")], method=b"POST")
+    assert info.framing == H.CHUNKED and b"Transfer-Encoding: chunked" in out
+    info, out = build([(b"Host", b"a"), (b"Content-Length", b"0")], method=b"POST")
+    assert info.framing == H.NO_BODY and not any(b"Content-Length" in x for x in out)
+
+
+@pytest.mark.parametrize("headers,version,method,problem", [
+    ([(b"Host", b"a"), (b"Host", b"b")], b"1.1", b"GET", "more than one Host"),
+    ([], b"1.1", b"GET", "without a Host"),
+    ([], b"1.0", b"GET", None),
+    ([(b"Host", b"a"), (b"Transfer-Encoding", b"gzip, chunked")], b"1.1", b"POST", "transfer coding"),
+    ([(b"Host", b"a")], b"1.1", b"CONNECT", "CONNECT"),
+])
+def test_request_problems(headers, version, method, problem):
+    info = H.scan_request(req(headers, method=method, version=version), b"gatewise")
+    if problem is None:
+        assert info.problem is None
+    else:
+        assert problem in info.problem
+
+
+@pytest.mark.parametrize("via,looped", [(b"1.1 gatewise", True), (b"1.0 edge, 1.1 GateWise", True),
+                                        (b"1.1 gatewise-2", False), (b"gatewise", False)])
+def test_loop_detection_reads_received_by(via, looped):
+    assert H.scan_request(req([(b"Host", b"a"), (b"Via", via)]), b"gatewise").looped is looped
+
+
+def test_idempotent_methods():
+    for m in (b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"):
+        assert H.scan_request(req([(b"Host", b"a")], method=m), b"g").idempotent
+    for m in (b"POST", b"PATCH"):
+        assert not H.scan_request(req([(b"Host", b"a")], method=m), b"g").idempotent
+
+
+def plan(status=200, headers=(), method=b"GET", client_version=b"1.1", keep_alive=True, version=b"1.1",
+         proxy_status=None):
+    return H.plan_response(ResponseHead(status, b"", version, list(headers)), request_method=method,
+                           client_version=client_version, client_keep_alive=keep_alive,
+                           request_id=b"rid", via=b"1.1 gatewise", proxy_status=proxy_status)
+
+
+def test_response_content_length_passes_through():
+    p = plan(headers=[(b"Content-Length", b"6"), (b"Keep-Alive", b"timeout=5, max=100")])
+    assert p.framing == H.LENGTH and p.keep_alive and p.upstream_keep_alive
+    assert p.keepalive_timeout == 5.0
+    out = lines(p.head)
+    assert out[0] == b"HTTP/1.1 200 OK"
+    assert b"Content-Length: 6" in out and b"X-Request-Id: rid" in out and b"Via: 1.1 gatewise" in out
+    assert not any(x.lower().startswith(b"keep-alive") for x in out)
+
+
+def test_close_delimited_response_is_rechunked_for_http11_and_closes_for_http10():
+    p = plan(headers=[])
+    assert p.framing == H.CHUNKED and not p.upstream_keep_alive
+    assert b"Transfer-Encoding: chunked" in lines(p.head)
+    p = plan(headers=[(b"Transfer-Encoding", b"chunked")], client_version=b"1.0")
+    assert p.framing == H.UNTIL_CLOSE and not p.keep_alive
+    assert b"Connection: close" in lines(p.head)
+    assert not any(b"Transfer-Encoding" in x for x in lines(p.head))
+
+
+@pytest.mark.parametrize("status,method", [(204, b"GET"), (304, b"GET"), (200, b"HEAD")])
+def test_no_body_responses(status, method):
+    p = plan(status=status, method=method, headers=[(b"Content-Length", b"42")])
+    assert p.framing == H.NO_BODY
+
+
+def test_upstream_connection_close_is_honoured():
+    assert not plan(headers=[(b"Content-Length", b"1"), (b"Connection", b"close")]).upstream_keep_alive
+    assert not plan(headers=[(b"Content-Length", b"1")], version=b"1.0").upstream_keep_alive
+
+
+def test_forwarded_5xx_carries_our_member_and_keeps_theirs():
+    p = plan(status=502, headers=[(b"Content-Length", b"0"), (b"Proxy-Status", b"inner; error=connection_refused")],
+             proxy_status=b'gatewise; next-hop="a:1"; received-status=502')
+    out = lines(p.head)
+    assert out.index(b"Proxy-Status: inner; error=connection_refused") < \
+        out.index(b'Proxy-Status: gatewise; next-hop="a:1"; received-status=502')
+
+
+def test_trailer_block():
+    assert H.trailer_block([]) == b"0\r\n\r\n"
+    assert H.trailer_block([(b"X-Sum", b"1"), (b"Transfer-Encoding", b"x")]) == b"0\r\nX-Sum: 1\r\n\r\n"
