@@ -269,15 +269,16 @@ class DownstreamProtocol(asyncio.Protocol):
         """An upgrade request's head is parsed: hold any bytes after it until the
         upstream agrees (101) or answers normally (then the connection closes after)."""
         ex = self.receiving
-        if rest:
-            ex.body_chunks.append(rest)
-            ex.body_size += len(rest)
+        ex.tunnel_rest = rest  # not HTTP: sent only once the upstream has switched
         self.gate.pause(QUEUED)
         ex.keep_alive = False
 
     def open_tunnel(self, ex: Exchange, upstream_rest: bytes) -> None:
         self._tunnel = ex
         self._timer.set(None)
+        if ex.tunnel_rest:
+            self._tunnel_send(ex.tunnel_rest)
+            ex.tunnel_rest = b""
         if upstream_rest:
             self.out(upstream_rest)
         self.flush()

@@ -30,7 +30,7 @@ REPLAY_LIMIT = 64 * 1024
 class Exchange:
     __slots__ = ("client", "head", "info", "target", "started", "task", "conn", "_waiter",
                  "body_chunks", "body_size", "body_received", "body_complete", "replayable",
-                 "committed", "finished", "framing", "keep_alive", "status", "attempts")
+                 "committed", "finished", "framing", "keep_alive", "status", "attempts", "tunnel_rest")
 
     def __init__(self, client, head, info: H.RequestInfo, started: float) -> None:
         self.client = client
@@ -54,6 +54,7 @@ class Exchange:
         self.keep_alive = head.keep_alive
         self.status = 0
         self.attempts: list[dict] = []
+        self.tunnel_rest = b""  # client bytes after an Upgrade head, held until the 101
 
     # -- request body, from the client ------------------------------------------------
     def on_client_body(self, data: bytes) -> None:
@@ -154,7 +155,8 @@ class Exchange:
             self.client.out(H.trailer_block(trailers))
         self.finished = True
         self.conn = None
-        self.client.proxy.release(conn, self.body_complete)
+        # A declined Upgrade leaves the upstream unsure what follows: never pool it.
+        self.client.proxy.release(conn, self.body_complete and not self.head.upgrade)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
         self.client.exchange_done(self)

@@ -7,11 +7,12 @@ Retry rules (nginx proxy_next_upstream, Envoy retry policies, RFC 9110 §9.2.2):
 - Any later failure is retried only for idempotent methods (or every method with
   `retry_non_idempotent`), and only while the request body is still replayable.
 - The keep-alive race: a request whose *reused* pooled connection is closed or reset
-  before any response byte arrives (never a timeout) is retried once on a fresh connection to the same server when
-  it is idempotent. That retry does not use up `retries`, is counted in the recorder,
-  and never reaches the client as a 502. (A pooled connection already seen closed is
-  never leased, so a non-idempotent request only meets the race when the close crosses
-  our write on the wire, which nothing can prove harmless.)
+  before any response byte arrives (never a timeout) is retried once on a fresh
+  connection to the same server when it is idempotent (or `retry_non_idempotent` is
+  set). That retry does not use up `retries`, is counted in the recorder, and never
+  reaches the client as a 502. (A pooled connection already seen closed is never
+  leased, so a non-idempotent request only meets the race when the close crosses our
+  write on the wire, which nothing can prove harmless.)
 - The error reported is the last attempt's cause, with every attempt listed.
 """
 

@@ -99,6 +99,9 @@ def scan_request(head: RequestHead, proxy_name: bytes) -> RequestInfo:
         info.problem = "more than one Host header"
     elif hosts == 0 and head.version == b"1.1":
         info.problem = "HTTP/1.1 request without a Host header"
+    if head.version not in (b"1.1", b"1.0"):
+        # RFC 9110 §6.2: gatewise speaks HTTP/1.x only; HTTP/0.9 has no head to forward.
+        info.problem = "unsupported HTTP version " + head.version.decode("latin-1")
     if head.method == b"CONNECT":
         info.problem = "CONNECT is not supported: gatewise is a reverse proxy"
     if not info.request_id:

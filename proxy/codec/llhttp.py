@@ -21,7 +21,7 @@ from proxy.codec.base import RequestHead, ResponseHead
 from proxy.errors import (BadRequest, ProxyError, RequestHeadersTooLarge, ResponseHeadersTooLarge,
                           UpstreamProtocolError)
 
-_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0", "0.9": b"0.9"}
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 _RAW_SLACK = 256 * 1024  # one large read may carry the end of a head plus body bytes
 
 
@@ -89,7 +89,8 @@ class LlhttpRequestParser:
         p = self._p
         self._in_head = False
         self._body = True
-        head = RequestHead(p.get_method(), self._url, _VERSIONS.get(p.get_http_version(), b"1.1"),
+        version = p.get_http_version()
+        head = RequestHead(p.get_method(), self._url, _VERSIONS.get(version) or version.encode(),
                            self._headers, p.should_keep_alive(), p.should_upgrade())
         self._headers = []  # later on_header calls are trailers
         self._h.on_request_head(head)
@@ -186,7 +187,8 @@ class LlhttpResponseParser:
         self._interim = status < 200
         if not p.should_keep_alive():
             self.reusable = False
-        head = ResponseHead(status, self._reason, _VERSIONS.get(p.get_http_version(), b"1.1"), headers)
+        version = p.get_http_version()
+        head = ResponseHead(status, self._reason, _VERSIONS.get(version) or version.encode(), headers)
         if self._interim:
             self._in_head = True  # the final response head follows
             self._h.on_response_head(head)

@@ -360,8 +360,7 @@ async def test_each_failed_request_logs_one_json_line(upstream, spawned, tmp_pat
     expected[reply.header("x-request-id")] = (404, "destination_not_found")
     assert reply.status == 404
 
-    # a client that resets its connection while its request waits at the upstream (a FIN
-    # alone is a half-close, which may legitimately still get its answer)
+    # a client that resets its connection while its request waits at the upstream
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(build_request("GET", "/hung/gone", [("X-Request-Id", "client-gone-1")]))
     await writer.drain()

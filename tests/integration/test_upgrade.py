@@ -95,3 +95,21 @@ async def test_declined_upgrade_is_forwarded_then_closed(gateway, echo_upgrade):
     assert data.startswith(b"HTTP/1.1 200")
     assert data.endswith(b"no")
     assert b"connection: close" in data.lower()
+
+
+async def test_declined_upgrade_never_leaks_client_bytes_upstream(gateway, echo_upgrade):
+    """Regression: bytes the client sent after an Upgrade head were forwarded as if they
+    were a body, and the connection was pooled after a declined upgrade, so the upstream
+    read them as the start of the next request (a smuggling vector)."""
+    url, protocols = await echo_upgrade(accept=False)
+    gw = await gateway([url])
+    client = await Client.open(gw.port)
+    try:
+        await client.send_raw(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+                              b"GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n")
+        data = await client.read_all()
+    finally:
+        client.close()
+    assert data.startswith(b"HTTP/1.1 200")
+    assert b"/smuggled" not in protocols[0].buf
+    assert not any(len(p) for p in gw.proxy.pools["app"].idle.values())
