@@ -25,12 +25,14 @@ class Cause(StrEnum):
     CONNECT_REFUSED = "connect_refused"
     CONNECT_TIMEOUT = "connect_timeout"
     DESTINATION_UNROUTABLE = "destination_unroutable"
+    LOCAL_CONNECT_ERROR = "local_connect_error"
     # request sent (perhaps partly), waiting for the response head
     CONNECTION_TERMINATED = "connection_terminated"
     WRITE_TIMEOUT = "write_timeout"
     RESPONSE_TIMEOUT = "response_timeout"
     UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"
     RESPONSE_HEADERS_TOO_LARGE = "response_headers_too_large"
+    RESPONSE_TRANSFER_CODING = "response_transfer_coding"
     # response head already forwarded: the client connection is aborted, never a 502
     BODY_READ_TIMEOUT = "body_read_timeout"
     RESPONSE_INCOMPLETE = "response_incomplete"
@@ -64,6 +66,8 @@ INFO: dict[Cause, CauseInfo] = {
     Cause.CONNECT_REFUSED: _(502, "connection_refused", True, True, "connection refused"),
     Cause.CONNECT_TIMEOUT: _(504, "connection_timeout", True, True, "connect timed out"),
     Cause.DESTINATION_UNROUTABLE: _(502, "destination_ip_unroutable", True, True, "no route to host"),
+    Cause.LOCAL_CONNECT_ERROR: _(500, "proxy_internal_error", True, False,
+                                 "gatewise could not open a connection (a local resource limit)"),
     Cause.CONNECTION_TERMINATED: _(502, "connection_terminated", False, True,
                                    "upstream closed the connection before a complete response head"),
     Cause.WRITE_TIMEOUT: _(504, "connection_write_timeout", False, True,
@@ -73,6 +77,8 @@ INFO: dict[Cause, CauseInfo] = {
                                      "upstream response is not valid HTTP/1.1"),
     Cause.RESPONSE_HEADERS_TOO_LARGE: _(502, "http_response_header_section_size", False, True,
                                         "upstream response head too large"),
+    Cause.RESPONSE_TRANSFER_CODING: _(502, "http_response_transfer_coding", False, True,
+                                      "upstream used a transfer coding gatewise cannot re-frame"),
     Cause.BODY_READ_TIMEOUT: _(504, "connection_read_timeout", False, True,
                                "upstream stalled in the middle of the response body"),
     Cause.RESPONSE_INCOMPLETE: _(502, "http_response_incomplete", False, True,

@@ -11,14 +11,12 @@ from collections import OrderedDict
 
 
 class Recorder:
-    __slots__ = ("_ring", "size", "failures_by_error", "requests_total", "keepalive_race_retries",
-                 "retries_total")
+    __slots__ = ("_ring", "size", "failures_by_error", "keepalive_race_retries", "retries_total")
 
     def __init__(self, size: int = 256) -> None:
         self._ring: OrderedDict[str, dict] = OrderedDict()
         self.size = size
         self.failures_by_error: dict[str, int] = {}
-        self.requests_total = 0
         self.keepalive_race_retries = 0
         self.retries_total = 0
 

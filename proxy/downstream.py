@@ -17,7 +17,6 @@ import asyncio
 import traceback
 from collections import deque
 
-from diagnostics.causes import INFO, Cause
 from proxy import headers as H
 from proxy.codec import make_request_parser
 from proxy.errors import BadRequest, ClientFault, ClientTimeout, ProxyError, RequestBodyTooLarge
@@ -42,7 +41,7 @@ class _Rejection:
 class DownstreamProtocol(asyncio.Protocol):
     __slots__ = ("proxy", "loop", "transport", "gate", "client_ip", "_parser", "_timer", "state",
                  "current", "receiving", "queue", "closing", "_wbuf", "_write_paused",
-                 "_closed", "_tunnel", "_refused_head")
+                 "_closed", "_tunnel", "_refused_head", "_head_deadline", "_next_waits")
 
     def __init__(self, proxy) -> None:
         self.proxy = proxy
@@ -63,6 +62,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self._closed = False
         self._tunnel: Exchange | None = None
         self._refused_head: Exchange | None = None  # refused in on_request_head itself
+        self._head_deadline = 0.0  # absolute: the head being read must be complete by then
+        self._next_waits = False   # a pipelined request waits for the client to drain
 
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -80,16 +81,14 @@ class DownstreamProtocol(asyncio.Protocol):
         if proxy.draining:
             self.closing = True
         # The first request gets client_header from the moment the connection opens.
-        self.state = HEAD
-        self._timer.set(self.loop.time() + proxy.cfg.timeouts.client_header)
+        self._enter_head()
 
     def data_received(self, data: bytes) -> None:
         if self._tunnel is not None:
             self._tunnel_send(data)
             return
         if self.state is IDLE:
-            self.state = HEAD
-            self._timer.set(self.loop.time() + self.proxy.cfg.timeouts.client_header)
+            self._enter_head()
         try:
             rest = self._parser.feed(data)
         except ClientFault as exc:
@@ -141,6 +140,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self._write_paused = False
         if self.current is not None:
             self.current.resume_upstream_reading()
+        if self._next_waits:
+            self._next_waits = False
+            self._next()
         self._rearm()
 
     # -- codec events ------------------------------------------------------------------
@@ -193,7 +195,10 @@ class DownstreamProtocol(asyncio.Protocol):
         if not ex.keep_alive or not ex.body_complete:
             self.close()  # the client was told (or must learn) that this is the last answer
         elif self.queue:
-            self._next()
+            if self._write_paused:  # the client is not reading: start nothing new for it yet
+                self._next_waits = True
+            else:
+                self._next()
         elif self.closing:
             self.close()
         else:
@@ -239,6 +244,7 @@ class DownstreamProtocol(asyncio.Protocol):
             ex = None  # the error is in a new request that never became an exchange
         if ex is not None and ex is self.current:
             if ex.committed:  # the response is already streaming: only an abort is honest
+                ex.finished = True
                 self.proxy.record(ex, exc)
                 self.abort()
                 return
@@ -319,11 +325,18 @@ class DownstreamProtocol(asyncio.Protocol):
             self.close()
 
     # -- timer ----------------------------------------------------------------------------
+    def _enter_head(self) -> None:
+        self.state = HEAD
+        self._head_deadline = self.loop.time() + self.proxy.cfg.timeouts.client_header
+        self._timer.set(self._head_deadline)
+
     def _rearm(self) -> None:
         t = self.proxy.cfg.timeouts
         now = self.loop.time()
         if self._write_paused:
             self._timer.set(now + t.client_idle)
+        elif self.state is HEAD:
+            self._timer.set(self._head_deadline)
         elif self.state is IDLE:
             self._timer.set(now + t.client_idle)
         elif self.receiving is not None and not self.receiving.body_complete:
@@ -334,8 +347,10 @@ class DownstreamProtocol(asyncio.Protocol):
     def _on_deadline(self) -> None:
         t = self.proxy.cfg.timeouts
         if self._write_paused:
-            if self.current is not None:
-                self.proxy.record(self.current, ClientTimeout(
+            ex = self.current
+            if ex is not None and not ex.finished:
+                ex.finished = True  # recorded here, once; the cancellation that follows is ours
+                self.proxy.record(ex, ClientTimeout(
                     f"client read nothing for {t.client_idle:g} s (timeouts.client_idle)"))
             self.abort()
         elif self.state is IDLE:

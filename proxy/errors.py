@@ -62,6 +62,13 @@ class DestinationUnroutable(BeforeSend):
     cause = Cause.DESTINATION_UNROUTABLE
 
 
+class LocalConnectError(BeforeSend):
+    """Opening the socket failed on this machine (EMFILE, EADDRNOTAVAIL...): not the
+    upstream's fault (RFC 9209 §2.3.30 proxy_internal_error)."""
+
+    cause = Cause.LOCAL_CONNECT_ERROR
+
+
 # -- leaves: waiting for the head ---------------------------------------------------------
 class ConnectionTerminated(AwaitingHead):
     cause = Cause.CONNECTION_TERMINATED
@@ -81,6 +88,10 @@ class UpstreamProtocolError(AwaitingHead):
 
 class ResponseHeadersTooLarge(AwaitingHead):
     cause = Cause.RESPONSE_HEADERS_TOO_LARGE
+
+
+class UnsupportedTransferCoding(AwaitingHead):
+    cause = Cause.RESPONSE_TRANSFER_CODING
 
 
 # -- leaves: mid-body -------------------------------------------------------------------------

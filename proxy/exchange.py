@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 
 from proxy import headers as H
-from proxy.errors import AfterHead, ProxyError, ResponseIncomplete
+from proxy.errors import AwaitingHead, ProxyError, ResponseIncomplete, UnsupportedTransferCoding
 from proxy.flow import BUFFERING, HIGH_WATER, PEER_FULL
 
 # Request bodies up to this size are kept for a retry on another server.
@@ -107,6 +107,7 @@ class Exchange:
         if conn is not None and conn.exchange is self:
             conn.exchange = None
             conn.close()
+        self.client.gate.resume(PEER_FULL)  # a pause caused by that upstream ends with it
 
     # -- response, from the upstream connection ----------------------------------------
     def on_upstream_head(self, conn, head) -> None:
@@ -134,6 +135,8 @@ class Exchange:
                                client_keep_alive=self.keep_alive and not client.closing,
                                request_id=self.info.request_id.encode(), via=proxy.via,
                                proxy_status=proxy_status)
+        if plan.problem is not None:
+            raise UnsupportedTransferCoding(plan.problem, upstream=conn.server.address)
         self.committed = True
         self.status = status
         self.framing = plan.framing
@@ -155,6 +158,7 @@ class Exchange:
             self.client.out(H.trailer_block(trailers))
         self.finished = True
         self.conn = None
+        self.client.gate.resume(PEER_FULL)
         # A declined Upgrade leaves the upstream unsure what follows: never pool it.
         self.client.proxy.release(conn, self.body_complete and not self.head.upgrade)
         if self._waiter is not None and not self._waiter.done():
@@ -165,7 +169,8 @@ class Exchange:
         if conn is not self.conn:
             return
         self.conn = None
-        if self.committed and not isinstance(exc, AfterHead):
+        self.client.gate.resume(PEER_FULL)
+        if self.committed and isinstance(exc, AwaitingHead):
             exc = ResponseIncomplete(f"{exc.detail} (after the response head was forwarded)",
                                      upstream=exc.upstream)
         if self._waiter is not None and not self._waiter.done():

@@ -21,11 +21,11 @@ from __future__ import annotations
 import asyncio
 import traceback
 
-from diagnostics.causes import INFO, Cause
+from diagnostics.causes import INFO
 from diagnostics.classify import classify
 from proxy import headers as H
-from proxy.errors import (AwaitingHead, BadRequest, BeforeSend, ClientDisconnected,
-                          ConnectionTerminated, LoopDetected, NoRoute, NoServerAvailable, ProxyError)
+from proxy.errors import (AwaitingHead, BadRequest, ClientDisconnected, ConnectionTerminated,
+                          LoopDetected, NoRoute, NoServerAvailable, ProxyError)
 from proxy.logs import log_event
 from proxy.router import split_target, rewrite_target
 
@@ -33,7 +33,7 @@ from proxy.router import split_target, rewrite_target
 def _may_retry(exc: ProxyError, ex, retry_non_idempotent: bool) -> bool:
     if ex.committed or not ex.replayable:
         return False
-    if isinstance(exc, BeforeSend):
+    if INFO[classify(exc)].retry_safe:  # nothing reached the upstream
         return True
     if isinstance(exc, AwaitingHead):
         return ex.info.idempotent or retry_non_idempotent
@@ -56,9 +56,7 @@ async def forward(proxy, ex) -> None:
         ex.detach()
         if ex.finished:  # downstream already answered (a rejected body, for instance)
             return
-        if classify(exc) is Cause.CLIENT_DISCONNECTED:
-            proxy.record(ex, exc)
-        elif ex.committed:
+        if ex.committed:
             ex.client.abort()  # never a clean end that hides the cut
             proxy.record(ex, exc)
         else:
@@ -92,21 +90,23 @@ async def _forward(proxy, ex, loop) -> None:
                                       proto=b"http", via=proxy.via)
     tried: list = []
     allowed = 1 + pool.retries
+    last: ProxyError | None = None
     while True:
         now = loop.time()
         server = pool.balancer.pick(now, tried)
         if server is None and tried:
             server = pool.balancer.pick(now)  # every server tried: retry on one again
         if server is None:
+            if last is not None:  # the last attempt's cause, not "nothing available"
+                raise last
             raise NoServerAvailable(f"no available server in pool {pool.name!r}")
         try:
             await _attempt(proxy, pool, server, ex, head_bytes, loop)
             return
         except ProxyError as exc:
-            if classify(exc) is Cause.CLIENT_DISCONNECTED:
-                raise
             if len(ex.attempts) >= allowed or not _may_retry(exc, ex, pool.retry_non_idempotent):
                 raise
+            last = exc
             proxy.recorder.retries_total += 1
             tried.append(server)
 
@@ -134,7 +134,7 @@ async def _attempt(proxy, pool, server, ex, head_bytes: bytes, loop) -> None:
                     continue
                 raise
     except ProxyError as exc:
-        _note_attempt(ex, server, exc, loop.time() - started, now=loop.time())
+        _note_attempt(ex, server, exc, loop.time() - started)
         info = INFO[classify(exc)]
         if info.blames_upstream:
             server.on_failure(info.token, exc.detail, loop.time())
@@ -145,6 +145,6 @@ async def _attempt(proxy, pool, server, ex, head_bytes: bytes, loop) -> None:
             ex.detach()
 
 
-def _note_attempt(ex, server, exc: ProxyError, elapsed: float, now: float) -> None:
+def _note_attempt(ex, server, exc: ProxyError, elapsed: float) -> None:
     ex.attempts.append({"server": server.address, "error": INFO[classify(exc)].token,
                         "details": exc.detail, "elapsed_ms": round(elapsed * 1000, 2)})

@@ -160,7 +160,7 @@ def build_request_head(head: RequestHead, info: RequestInfo, *, target: bytes, c
 class ResponsePlan:
     """How the response goes back to the client, decided from one scan of its head."""
 
-    __slots__ = ("head", "framing", "keep_alive", "upstream_keep_alive", "keepalive_timeout")
+    __slots__ = ("head", "framing", "keep_alive", "upstream_keep_alive", "keepalive_timeout", "problem")
 
     def __init__(self) -> None:
         self.head = b""
@@ -168,6 +168,7 @@ class ResponsePlan:
         self.keep_alive = True            # the client connection stays open afterwards
         self.upstream_keep_alive = True   # the upstream said it may be reused
         self.keepalive_timeout: float | None = None  # from the upstream's Keep-Alive: timeout=
+        self.problem: str | None = None  # why this response cannot be forwarded
 
 
 _STATUS_LINES: dict[int, bytes] = {}
@@ -212,6 +213,10 @@ def plan_response(head: ResponseHead, *, request_method: bytes, client_version: 
             continue
         if lname == b"transfer-encoding":
             chunked = True
+            if value.strip().lower() != b"chunked":
+                # RFC 9112 §6.1: re-framing would drop the other coding and hand the
+                # client a body it cannot decode (RFC 9209 §2.3.24).
+                plan.problem = "unsupported transfer coding: " + value.decode("latin-1")
             continue
         if lname == b"keep-alive":
             plan.keepalive_timeout = _keepalive_timeout(value)

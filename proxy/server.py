@@ -14,7 +14,7 @@ import signal
 import sys
 
 from diagnostics import error_body, proxy_status
-from diagnostics.causes import INFO, Cause
+from diagnostics.causes import INFO
 from diagnostics.classify import classify
 from diagnostics.recorder import Recorder
 from proxy.balancer import make_balancer
@@ -83,7 +83,9 @@ class Proxy:
 
     def release(self, conn: UpstreamConnection, request_complete: bool) -> None:
         """An exchange finished on conn: pool it when both sides allow, else close it."""
-        if not (request_complete and conn.reusable) or self.draining:
+        # Bytes still queued to the upstream mean it has not read all of this request.
+        if (not (request_complete and conn.reusable) or self.draining
+                or conn.transport.get_write_buffer_size()):
             conn.close()
             return
         now = self.loop.time()

@@ -26,7 +26,7 @@ import traceback
 
 from proxy.codec import make_response_parser
 from proxy.errors import (AfterHead, BodyReadTimeout, ConnectionTerminated, ConnectRefused, ConnectTimeout,
-                          DestinationUnroutable, ProxyError, ResponseIncomplete, ResponseTimeout,
+                          DestinationUnroutable, LocalConnectError, ProxyError, ResponseIncomplete, ResponseTimeout,
                           UpstreamProtocolError, WriteTimeout)
 from proxy.flow import HIGH_WATER, LOW_WATER, Deadline
 from proxy.logs import log_event
@@ -34,6 +34,7 @@ from proxy.logs import log_event
 IDLE, SENDING, WAITING, BODY, CLOSED = "idle", "sending", "waiting", "body", "closed"
 
 _UNROUTABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
+_REFUSED = {errno.ECONNREFUSED, errno.ECONNRESET}
 
 
 def _ms(seconds: float) -> str:
@@ -70,8 +71,11 @@ async def connect(loop: asyncio.AbstractEventLoop, host: str, port: int, timeout
         if exc.errno == errno.ETIMEDOUT:
             raise ConnectTimeout(f"connect ETIMEDOUT after {_ms(loop.time() - started)}",
                                  upstream=address) from None
-        raise ConnectRefused(f"connect {name} ({exc.strerror}) after {_ms(loop.time() - started)}",
-                             upstream=address) from None
+        if exc.errno in _REFUSED:
+            raise ConnectRefused(f"connect {name} after {_ms(loop.time() - started)}",
+                                 upstream=address) from None
+        raise LocalConnectError(f"connect {name} ({exc.strerror}) after {_ms(loop.time() - started)}",
+                                upstream=address) from None
     return conn
 
 

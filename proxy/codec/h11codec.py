@@ -128,18 +128,7 @@ class H11ResponseParser:
             self.reusable = False
             raise UpstreamProtocolError("response bytes with no request outstanding")
         if not self._head_checked:
-            self._head_buf += data
-            end = head_end(self._head_buf)
-            if end == -1:
-                if len(self._head_buf) > self._max:
-                    self.reusable = False
-                    raise ResponseHeadersTooLarge(f"response head over {self._max} bytes")
-            else:
-                if why := check_head_bytes(self._head_buf[:end]):
-                    self.reusable = False
-                    raise UpstreamProtocolError(why)
-                self._head_checked = True
-                self._head_buf = bytearray()
+            self._check_heads(data)
         try:
             conn.receive_data(data)
             return self._drain(conn)
@@ -148,6 +137,28 @@ class H11ResponseParser:
             if exc.error_status_hint == 431 or "buffer" in str(exc):
                 raise ResponseHeadersTooLarge(f"response head over {self._max} bytes") from None
             raise UpstreamProtocolError(f"invalid response: {exc}") from None
+
+    def _check_heads(self, data: bytes) -> None:
+        """Check raw bytes of every head up to the final one (1xx heads may precede it in
+        the same read) before h11 sees them."""
+        buf = self._head_buf
+        buf += data
+        while True:
+            end = head_end(buf)
+            if end == -1:
+                if len(buf) > self._max:
+                    self.reusable = False
+                    raise ResponseHeadersTooLarge(f"response head over {self._max} bytes")
+                return
+            if why := check_head_bytes(buf[:end]):
+                self.reusable = False
+                raise UpstreamProtocolError(why)
+            interim = buf[9:10] == b"1"  # "HTTP/1.1 1xx": another head follows
+            del buf[:end]
+            if not interim:
+                self._head_checked = True
+                self._head_buf = bytearray()
+                return
 
     def feed_eof(self) -> bool:
         self.reusable = False
@@ -172,7 +183,6 @@ class H11ResponseParser:
                 return None
             if isinstance(ev, h11.InformationalResponse):
                 headers = list(ev.headers.raw_items())
-                self._head_checked = False  # the final head follows: check it too
                 self._h.on_response_head(ResponseHead(ev.status_code, ev.reason, ev.http_version, headers))
                 if ev.status_code == 101:
                     self._conn = None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import httptools
 
 from proxy.codec.base import RequestHead, ResponseHead
-from proxy.errors import (BadRequest, ProxyError, RequestHeadersTooLarge, ResponseHeadersTooLarge,
+from proxy.errors import (BadRequest, RequestHeadersTooLarge, ResponseHeadersTooLarge,
                           UpstreamProtocolError)
 
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
@@ -105,7 +105,7 @@ class LlhttpRequestParser:
 
 class LlhttpResponseParser:
     __slots__ = ("_p", "_h", "_max", "_reason", "_headers", "_size", "_raw", "_in_head",
-                 "_head_only", "_interim", "_close_delimited", "reusable")
+                 "_head_only", "_interim", "_close_delimited", "_outstanding", "reusable")
 
     def __init__(self, handler, max_head_bytes: int) -> None:
         self._p = httptools.HttpResponseParser(self)
@@ -119,12 +119,14 @@ class LlhttpResponseParser:
         self._head_only = False
         self._interim = False
         self._close_delimited = False
+        self._outstanding = False  # a request was sent and its final response has not ended
         self.reusable = True  # False once this connection cannot carry another exchange
 
     def start(self, method: bytes, upgrade: bool = False) -> None:
         """A request was sent; the next response answers it. (llhttp recognises a 101
         on its own, so `upgrade` needs no handling here.)"""
         self._head_only = method == b"HEAD"
+        self._outstanding = True
         self._in_head = True
         self._raw = 0
 
@@ -141,9 +143,9 @@ class LlhttpResponseParser:
             if isinstance(inner, _HeadOnly):
                 return None
             self.reusable = False
-            if isinstance(inner, ProxyError):
-                raise inner from None
-            raise UpstreamProtocolError(f"invalid response: {inner}") from None
+            if inner is exc:  # llhttp itself refused (its state is poisoned by an earlier error)
+                raise UpstreamProtocolError(f"invalid response: {exc}") from None
+            raise inner from None  # ours: a typed ProxyError, or a bug that must stay visible
         except httptools.HttpParserError as exc:
             self.reusable = False
             raise UpstreamProtocolError(f"invalid response: {exc}") from None
@@ -158,12 +160,16 @@ class LlhttpResponseParser:
         self.reusable = False
         if self._close_delimited:
             self._close_delimited = False
+            self._outstanding = False
             self._h.on_response_end([])
             return True
         return False
 
     # -- httptools callbacks -----------------------------------------------------------
     def on_message_begin(self) -> None:
+        if not self._outstanding:  # bytes after a complete response: never ours to relay
+            self.reusable = False
+            raise UpstreamProtocolError("response bytes with no request outstanding")
         self._reason = b""
         self._headers = []
         self._size = 0
@@ -200,6 +206,7 @@ class LlhttpResponseParser:
         self._h.on_response_head(head)
         if self._head_only:
             self.reusable = False  # before on_response_end, which decides about pooling
+            self._outstanding = False
             self._h.on_response_end([])
             raise _HeadOnly
 
@@ -211,5 +218,6 @@ class LlhttpResponseParser:
             self._interim = False
             return
         self._close_delimited = False
+        self._outstanding = False
         trailers, self._headers = self._headers, []
         self._h.on_response_end(trailers)

@@ -83,3 +83,17 @@ def test_classify_maps_each_leaf_to_its_cause(leaf: type) -> None:
                                  TimeoutError(), ConnectionRefusedError(), ProxyError("bare")])
 def test_classify_anything_else_is_internal(exc: BaseException) -> None:
     assert classify(exc) is Cause.PROXY_INTERNAL
+
+
+def test_retry_safe_matches_the_phase():
+    """forward.py decides retries from INFO[cause].retry_safe: it must say exactly what
+    the exception tree says (BeforeSend = nothing reached the upstream)."""
+    from diagnostics.causes import INFO
+    from proxy import errors
+
+    def leaves(cls):
+        subs = cls.__subclasses__()
+        return [cls] if not subs else [leaf for s in subs for leaf in leaves(s)]
+
+    for leaf in leaves(errors.ProxyError):
+        assert INFO[leaf.cause].retry_safe is issubclass(leaf, errors.BeforeSend), leaf.__name__
