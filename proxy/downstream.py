@@ -124,8 +124,8 @@ class DownstreamProtocol(asyncio.Protocol):
         if proxy.draining and not proxy.connections:
             proxy.all_closed.set()
         ex = self.current
-        if ex is not None and not ex.finished and ex.task is not None:
-            ex.task.cancel()
+        if ex is not None and ex.task is not None and not ex.task.done():
+            ex.task.cancel()  # forward() cleans up; it records only what is not yet recorded
         if self._tunnel is not None:
             self._tunnel.detach()
         self.queue.clear()

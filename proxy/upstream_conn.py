@@ -252,11 +252,13 @@ class UpstreamConnection(asyncio.Protocol):
     def on_response_head(self, head) -> None:
         if self.exchange is None:  # bytes after a complete response: never ours to relay
             raise UpstreamProtocolError("response bytes with no request outstanding")
+        # The exchange may refuse the head (it raises a typed error); only a head it
+        # accepted moves this connection into the body phase.
+        self.exchange.on_upstream_head(self, head)
         if head.status >= 200:
             self.head_seen = True
             self.state = BODY
             self._timer.set(self._loop.time() + self._timeouts.idle_read)
-        self.exchange.on_upstream_head(self, head)
 
     def on_response_body(self, data: bytes) -> None:
         if not self._client_paused:

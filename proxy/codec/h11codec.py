@@ -14,7 +14,7 @@ import h11
 
 from proxy.codec.base import RequestHead, ResponseHead, check_head_bytes, head_end
 from proxy.errors import (BadRequest, RequestHeadersTooLarge, ResponseHeadersTooLarge,
-                          UpstreamProtocolError)
+                          UnsupportedTransferCoding, UpstreamProtocolError)
 
 
 def _tokens(headers, name: bytes) -> set[bytes]:
@@ -30,6 +30,15 @@ def _keep_alive(version: bytes, headers) -> bool:
     if b"close" in tokens:
         return False
     return version == b"1.1" or b"keep-alive" in tokens
+
+
+def _check_transfer_coding(head: bytes) -> None:
+    """h11 refuses a transfer coding other than chunked with a generic protocol error;
+    name it the way the llhttp path does (RFC 9209 §2.3.24)."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            raise UnsupportedTransferCoding("unsupported transfer coding: " + value.strip().decode("latin-1"))
 
 
 class H11RequestParser:
@@ -154,6 +163,8 @@ class H11ResponseParser:
                 self.reusable = False
                 raise UpstreamProtocolError(why)
             interim = buf[9:10] == b"1"  # "HTTP/1.1 1xx": another head follows
+            if not interim:
+                _check_transfer_coding(bytes(buf[:end]))
             del buf[:end]
             if not interim:
                 self._head_checked = True
