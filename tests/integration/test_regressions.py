@@ -28,6 +28,7 @@ import pytest
 
 import diagnostics.faults as faults
 import proxy.upstream_conn as upstream_conn
+from tests.rawclient import Raw, eventually, forward_tasks
 from tests.conftest import Client, http
 
 MiB = 1 << 20
@@ -36,88 +37,6 @@ SMALL_SNDBUF = 8192
 
 
 # -- helpers ----------------------------------------------------------------------------------
-async def eventually(predicate, what: str, timeout: float = 3.0) -> None:
-    """Poll `predicate` until it holds; fail after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.01)
-
-
-def forward_tasks() -> list[asyncio.Task]:
-    """Tasks running proxy.forward.forward (matched by code object)."""
-    out = []
-    for task in asyncio.all_tasks():
-        code = getattr(task.get_coro(), "cr_code", None)
-        if code is not None and code.co_name == "forward" and code.co_filename.endswith("forward.py"):
-            out.append(task)
-    return out
-
-
-class Raw:
-    """One client connection on a raw non-blocking socket, optionally with a small
-    receive buffer (set before connect, so the TCP window is negotiated with it)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.loop = asyncio.get_running_loop()
-
-    @classmethod
-    async def open(cls, port: int, rcvbuf: int | None = None) -> "Raw":
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            if rcvbuf is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            sock.setblocking(False)
-            async with asyncio.timeout(5):
-                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock)
-
-    async def send(self, data: bytes) -> None:
-        async with asyncio.timeout(5):
-            await self.loop.sock_sendall(self.sock, data)
-
-    async def recv_until_close(self, timeout: float) -> tuple[bytes, bool]:
-        """Everything received until the proxy closes (FIN or RST), or until `timeout`."""
-        data = bytearray()
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    try:
-                        piece = await self.loop.sock_recv(self.sock, 65536)
-                    except ConnectionResetError:
-                        return bytes(data), True
-                    if not piece:
-                        return bytes(data), True
-                    data += piece
-        except TimeoutError:
-            return bytes(data), False
-
-    async def recv_exactly(self, n: int, timeout: float = 5.0) -> bytes:
-        data = bytearray()
-        async with asyncio.timeout(timeout):
-            while len(data) < n:
-                piece = await self.loop.sock_recv(self.sock, min(65536, n - len(data)))
-                assert piece, f"closed after {len(data)} of {n} bytes"
-                data += piece
-        return bytes(data)
-
-    def peek(self, n: int = 65536) -> bytes:
-        """What has arrived so far, without consuming it (b"" when nothing yet)."""
-        try:
-            return self.sock.recv(n, socket.MSG_PEEK)
-        except BlockingIOError:
-            return b""
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def proxy_client(gw):
     """The proxy's only client connection (DownstreamProtocol)."""
     (conn,) = gw.proxy.connections

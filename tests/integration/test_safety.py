@@ -14,78 +14,17 @@ buffered. sock_recv returns the queued answer first, then the reset.
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 
 import h11
 import pytest
 
+from tests.rawclient import Raw, eventually, forward_tasks
 from tests.conftest import Reply
 
 CODECS = ("llhttp", "h11")
 
 
 # -- helpers ----------------------------------------------------------------------------------
-class Raw:
-    """One client connection on a raw non-blocking socket."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.loop = asyncio.get_running_loop()
-
-    @classmethod
-    async def open(cls, port: int) -> "Raw":
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        return cls(sock)
-
-    async def send(self, data: bytes) -> bool:
-        """False when the proxy has already closed (reset or broken pipe)."""
-        try:
-            await self.loop.sock_sendall(self.sock, data)
-            return True
-        except (ConnectionResetError, BrokenPipeError):
-            return False
-
-    async def recv_until_close(self, timeout: float) -> tuple[bytes, bool]:
-        """Everything received until the proxy closes (FIN or RST), or until `timeout`.
-        Returns (data, closed)."""
-        data = bytearray()
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    try:
-                        piece = await self.loop.sock_recv(self.sock, 65536)
-                    except ConnectionResetError:
-                        return bytes(data), True
-                    if not piece:
-                        return bytes(data), True
-                    data += piece
-        except TimeoutError:
-            return bytes(data), False
-
-    async def recv_some(self, n: int, timeout: float = 5.0) -> int:
-        """Read (and drop) at least n bytes; returns how many were read."""
-        got = 0
-        async with asyncio.timeout(timeout):
-            while got < n:
-                piece = await self.loop.sock_recv(self.sock, 65536)
-                if not piece:
-                    break
-                got += len(piece)
-        return got
-
-    def close(self) -> None:
-        """A normal close(): FIN (the receive queue is empty or irrelevant)."""
-        self.sock.close()
-
-    def reset(self) -> None:
-        """close() with SO_LINGER {on, 0}: RST."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.sock.close()
-
-
 async def exchange(port: int, data: bytes, timeout: float = 1.0) -> tuple[bytes, bool, float]:
     """Send raw bytes; return (everything received until close or timeout, closed, elapsed)."""
     loop = asyncio.get_running_loop()
@@ -129,27 +68,6 @@ def parse_replies(data: bytes, methods: tuple[str, ...] = ("GET",)) -> list[Repl
                 raise AssertionError(f"incomplete response in {data[:200]!r}: {event!r}")
         replies.append(Reply(status, headers, bytes(body)))
     return replies
-
-
-async def eventually(predicate, what: str, timeout: float = 3.0) -> None:
-    """Poll `predicate` until it holds; fail after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.01)
-
-
-def forward_tasks() -> list[asyncio.Task]:
-    """Tasks running proxy.forward.forward (matched by code object, not by name: a test
-    whose own name contains "forward" must not count)."""
-    out = []
-    for task in asyncio.all_tasks():
-        code = getattr(task.get_coro(), "cr_code", None)
-        if code is not None and code.co_name == "forward" and code.co_filename.endswith("forward.py"):
-            out.append(task)
-    return out
 
 
 def pooled(gw) -> int:
