@@ -22,7 +22,7 @@ Kinds:
   round-robin among the tied servers only, as nginx's least_conn module does.
 - ``random``: weighted random over the candidates, drawing from the injected
   ``random.Random`` so tests can seed it.
-- ``p2c_ewma``: not implemented yet (later issue); it is served by ``least_conn``.
+- ``p2c_ewma``: power of two random choices, scored by latency EWMA x (active + 1) / weight.
 
 Weights are integers >= 1; config.py guarantees that and it is not re-checked here.
 The smooth round-robin state lives in ``ServerState.current_weight``, so one set of
@@ -184,6 +184,31 @@ class WeightedRandom(_Grouped):
         return last
 
 
+class PowerOfTwoEwma(_Grouped):
+    """Power of two random choices (Mitzenmacher; Finagle's and Linkerd's p2c): draw two
+    candidates, keep the one with the lower cost = latency EWMA x (active + 1) / weight.
+    A slow server quickly gets less traffic without being ejected, and the random pair
+    keeps every server sampled, so a recovered one is noticed. A server with no latency
+    sample yet costs 0: it is tried first, which is how it gets measured."""
+
+    __slots__ = ("_rng",)
+
+    def __init__(self, servers: Sequence[ServerState], rng: random.Random) -> None:
+        super().__init__(servers)
+        self._rng = rng
+
+    def _pick_in(
+        self, group: tuple[ServerState, ...], now: float, exclude: Collection[ServerState]
+    ) -> ServerState | None:
+        candidates = [s for s in group if s.available(now) and not (exclude and s in exclude)]
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        a, b = self._rng.sample(candidates, 2)
+        cost_a = a.latency.ewma_ms * (a.active_requests + 1) * b.weight
+        cost_b = b.latency.ewma_ms * (b.active_requests + 1) * a.weight
+        return a if cost_a <= cost_b else b
+
+
 def make_balancer(
     kind: str, servers: Sequence[ServerState], *, rng: random.Random | None = None
 ) -> Balancer:
@@ -196,10 +221,10 @@ def make_balancer(
     """
     if kind == "weighted_round_robin":
         return SmoothWeightedRoundRobin(servers)
-    if kind in ("least_conn", "p2c_ewma"):
-        # p2c_ewma (power of two choices over latency EWMA) arrives in a later issue;
-        # until then it is served by least_conn, its closest load-aware relative.
+    if kind == "least_conn":
         return LeastConn(servers)
+    if kind == "p2c_ewma":
+        return PowerOfTwoEwma(servers, rng if rng is not None else random.Random())
     if kind == "random":
         return WeightedRandom(servers, rng if rng is not None else random.Random())
     raise ValueError(f"unknown balance kind {kind!r}")

@@ -42,7 +42,7 @@ def _load(args: argparse.Namespace):
         if getattr(args, "to", None):
             if args.config:
                 raise ConfigError(["--to and -c cannot be combined"])
-            return config_from_urls(args.to, listen=args.listen)
+            return config_from_urls(args.to, listen=args.listen, admin=args.admin, workers=args.workers)
         path = args.config or DEFAULT_CONFIG
         if not args.config and not os.path.exists(path):
             raise ConfigError([f"no config: pass -c FILE or --to URL ({DEFAULT_CONFIG} not found)"])

@@ -479,7 +479,8 @@ def load_config(path: str, *, listen: str | None = None, admin: str | None = Non
     return _Loader(path, labels).config(data)
 
 
-def config_from_urls(urls: list[str], *, listen: str | None = None) -> ProxyConfig:
+def config_from_urls(urls: list[str], *, listen: str | None = None, admin: str | None = None,
+                     workers: int | None = None) -> ProxyConfig:
     """`gatewise run --to URL...`: one pool "default" of these servers, one catch-all route."""
     if not urls:
         raise ConfigError(["--to: at least one URL is required"])
@@ -499,6 +500,12 @@ def config_from_urls(urls: list[str], *, listen: str | None = None) -> ProxyConf
     if listen is not None:
         data["listen"] = {"address": listen}
         labels["listen.address"] = "--listen"
+    if workers is not None:
+        data.setdefault("listen", {})["workers"] = workers
+        labels["listen.workers"] = "--workers"
+    if admin is not None:
+        data["admin"] = {"address": admin}
+        labels["admin.address"] = "--admin"
     loader = _Loader(None, labels)
     loader.problems.extend(problems)   # config() raises with these plus whatever else it finds
     return loader.config(data)

@@ -30,7 +30,8 @@ REPLAY_LIMIT = 64 * 1024
 class Exchange:
     __slots__ = ("client", "head", "info", "target", "started", "task", "conn", "_waiter",
                  "body_chunks", "body_size", "body_received", "body_complete", "replayable",
-                 "committed", "finished", "framing", "keep_alive", "status", "attempts", "tunnel_rest")
+                 "committed", "finished", "framing", "keep_alive", "status", "attempts", "tunnel_rest",
+                 "pool")
 
     def __init__(self, client, head, info: H.RequestInfo, started: float) -> None:
         self.client = client
@@ -55,6 +56,7 @@ class Exchange:
         self.status = 0
         self.attempts: list[dict] = []
         self.tunnel_rest = b""  # client bytes after an Upgrade head, held until the 101
+        self.pool = None  # the PoolRuntime it was routed to
 
     # -- request body, from the client ------------------------------------------------
     def on_client_body(self, data: bytes) -> None:

@@ -45,6 +45,8 @@ async def forward(proxy, ex) -> None:
     loop = proxy.loop
     try:
         await _forward(proxy, ex, loop)
+        if ex.pool is not None:
+            ex.pool.request_latency.observe(loop.time() - ex.started)
     except asyncio.CancelledError:
         # downstream cancels us when the client goes away, or (with ex.finished set)
         # when it has already answered the request itself.
@@ -85,6 +87,7 @@ async def _forward(proxy, ex, loop) -> None:
         raise NoRoute(f"no route for host {(host or b'').decode('latin-1')!r} "
                       f"path {path[:200].decode('latin-1')!r}")
     pool = proxy.pools[route.pool]
+    ex.pool = pool
     ex.target = rewrite_target(route, path)
     head_bytes = H.build_request_head(ex.head, info, target=ex.target, client_ip=ex.client.client_ip,
                                       proto=b"http", via=proxy.via)
@@ -99,7 +102,7 @@ async def _forward(proxy, ex, loop) -> None:
         if server is None:
             if last is not None:  # the last attempt's cause, not "nothing available"
                 raise last
-            raise NoServerAvailable(f"no available server in pool {pool.name!r}")
+            raise NoServerAvailable(pool.unavailable_reasons(now) or f"pool {pool.name!r} has no servers")
         try:
             await _attempt(proxy, pool, server, ex, head_bytes, loop)
             return
@@ -122,6 +125,7 @@ async def _attempt(proxy, pool, server, ex, head_bytes: bytes, loop) -> None:
                 conn = await proxy.connect(pool, server)
             try:
                 await ex.begin(conn, head_bytes)
+                _log_change(pool, server, server.on_success(ex.status, loop.time() - started), "trial request")
                 return
             except ConnectionTerminated:
                 # Only a close/reset before any byte is the race; a timeout is not.
@@ -137,12 +141,20 @@ async def _attempt(proxy, pool, server, ex, head_bytes: bytes, loop) -> None:
         _note_attempt(ex, server, exc, loop.time() - started)
         info = INFO[classify(exc)]
         if info.blames_upstream:
-            server.on_failure(info.token, exc.detail, loop.time())
+            _log_change(pool, server, server.on_failure(info.token, exc.detail, loop.time()),
+                        "passive", error=info.token, details=exc.detail)
         raise
     finally:
         server.on_attempt_end()
         if not ex.finished:
             ex.detach()
+
+
+def _log_change(pool, server, change, by: str, **fields) -> None:
+    """One log line per state transition (servers.py returns None in steady state)."""
+    if change is not None:
+        log_event("server_state", pool=pool.name, server=server.address, old=str(change[0]),
+                  new=str(change[1]), by=by, reason=server.eject_reason or None, **fields)
 
 
 def _note_attempt(ex, server, exc: ProxyError, elapsed: float) -> None:

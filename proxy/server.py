@@ -16,31 +16,58 @@ import sys
 from diagnostics import error_body, proxy_status
 from diagnostics.causes import INFO
 from diagnostics.classify import classify
+from diagnostics.metrics import Histogram
 from diagnostics.recorder import Recorder
 from proxy.balancer import make_balancer
 from proxy.codec import resolve_parser
 from proxy.config import ProxyConfig
+from diagnostics.admin import admin_warning, start_admin
 from proxy.downstream import DownstreamProtocol
+from proxy.health import HealthChecker
+from proxy.inspect import ProxyView
 from proxy.errors import ProxyError
 from proxy.headers import new_request_id, status_line
 from proxy.logs import log_event
 from proxy.pool import IdlePool, idle_expiry
 from proxy.router import Route, Router
-from proxy.servers import ServerState
+from proxy.servers import HealthPolicy, ServerState
 from proxy.upstream_conn import UpstreamConnection, connect
 
 
 class PoolRuntime:
-    __slots__ = ("name", "servers", "balancer", "retries", "retry_non_idempotent", "idle")
+    __slots__ = ("name", "cfg", "servers", "balancer", "retries", "retry_non_idempotent", "idle",
+                 "request_latency")
 
     def __init__(self, cfg) -> None:
         self.name = cfg.name
-        self.servers = [ServerState(url=s.url, host=s.host, port=s.port, weight=s.weight,
-                                    backup=s.backup) for s in cfg.servers]
+        self.cfg = cfg
+        passive = cfg.passive
+        policy = HealthPolicy(active=cfg.health is not None,
+                              rise=cfg.health.rise if cfg.health else 2,
+                              fall=cfg.health.fall if cfg.health else 3,
+                              max_fails=passive.max_fails if passive else 0,
+                              fail_window=passive.fail_window if passive else 10.0,
+                              eject_for=passive.eject_for if passive else 30.0)
+        self.servers = [ServerState(s.url, s.host, s.port, s.weight, s.backup, policy) for s in cfg.servers]
         self.balancer = make_balancer(cfg.balance, self.servers)
         self.retries = cfg.retries
         self.retry_non_idempotent = cfg.retry_non_idempotent
         self.idle = {s: IdlePool() for s in self.servers}
+        self.request_latency = Histogram()  # seconds, client view, for /metrics
+
+    def unavailable_reasons(self, now: float) -> str:
+        return "; ".join(s.out_reason(now) for s in self.servers)
+
+    def any_available(self, now: float) -> bool:
+        return any(s.available(now) for s in self.servers)
+
+    def snapshot(self) -> dict:
+        return {"balance": self.cfg.balance,
+                "servers": [s.snapshot(len(self.idle[s])) for s in self.servers]}
+
+    def metrics(self) -> dict:
+        return {"request_latency": self.request_latency.snapshot(),
+                "servers": [s.metrics() for s in self.servers]}
 
 
 class Proxy:
@@ -59,6 +86,7 @@ class Proxy:
         self.via = b"1.1 " + name.encode()
         self.minimal = cfg.diagnostics.detail == "minimal"
         self.connections: set[DownstreamProtocol] = set()
+        self.generated_errors: dict[str, int] = {}  # responses gatewise made, by RFC 9209 token
         self.draining = False
         self.all_closed = asyncio.Event()  # set when draining and the last client is gone
 
@@ -130,6 +158,7 @@ class Proxy:
                          b"X-Request-Id: ", request_id.encode(), b"\r\n",
                          connection, b"\r\n"))
         self.record(ex, exc, status=info.status, details=details, request_id=request_id)
+        self.generated_errors[info.token] = self.generated_errors.get(info.token, 0) + 1
         return head + body_out
 
     def record(self, ex, exc: ProxyError, *, status: int | None = None, details: str | None = None,
@@ -154,6 +183,8 @@ class Server:
     def __init__(self, cfg: ProxyConfig) -> None:
         self.cfg = cfg
         self.proxy: Proxy | None = None
+        self.admin = None  # diagnostics.admin.AdminServer
+        self._checkers: list[HealthChecker] = []
         self._server: asyncio.base_events.Server | None = None
         self.host = cfg.listen.host
         self.port = cfg.listen.port
@@ -167,6 +198,18 @@ class Server:
                                                 backlog=1024, reuse_address=True)
         sock = self._server.sockets[0]
         self.host, self.port = sock.getsockname()[:2]
+        self._checkers = [HealthChecker(self.proxy, pool, pool.cfg.health)
+                          for pool in self.proxy.pools.values() if pool.cfg.health is not None]
+        for checker in self._checkers:
+            checker.start()
+        admin = self.cfg.admin
+        try:
+            self.admin = await start_admin(ProxyView(self.proxy), admin.host, admin.port)
+        except OSError:
+            await self.stop(grace=0)
+            raise
+        if warning := admin_warning(admin.host, admin.token):
+            log_event("warning", message=warning)
         return self
 
     @property
@@ -195,6 +238,11 @@ class Server:
                 for c in idle.drain():
                     c.close()
         await self._server.wait_closed()
+        for checker in self._checkers:
+            await checker.stop()
+        if self.admin is not None:
+            await self.admin.close()
+            self.admin = None
         self.stopped.set()
 
 
@@ -229,7 +277,7 @@ def run_forever(cfg: ProxyConfig) -> int:
             log_event("listen_failed", address=cfg.listen.address, error=str(exc))
             return 1
         proxy = server.proxy
-        log_event("listening", address=server.address, parser=proxy.parser_kind,
+        log_event("listening", address=server.address, admin=server.admin.address, parser=proxy.parser_kind,
                   pools={n: [s.url for s in p.servers] for n, p in proxy.pools.items()},
                   config=cfg.source)
         if cfg.listen.workers > 1:

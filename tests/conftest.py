@@ -62,6 +62,7 @@ def proxy_config(servers, *, parser: str = "llhttp", pool: dict | None = None, *
         else:
             entries.append(dict(s))
     data = {"listen": {"address": "127.0.0.1:0", "parser": parser},
+            "admin": {"address": "127.0.0.1:0"},
             "pools": {"app": {"servers": entries, **(pool or {})}}}
     for name, table in sections.items():
         data.setdefault(name, {}).update(table)
@@ -76,6 +77,7 @@ async def gateway(parser):
         data = raw if raw is not None else proxy_config(servers, parser=parser, pool=pool, **sections)
         if raw is not None:
             data.setdefault("listen", {}).update({"address": "127.0.0.1:0", "parser": parser})
+            data.setdefault("admin", {}).setdefault("address", "127.0.0.1:0")
         server = await Server(parse_config(data)).start()
         started.append(server)
         return server

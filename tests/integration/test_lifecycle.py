@@ -302,7 +302,8 @@ def test_check_bad_config_one_line_per_problem(tmp_path):
 
 async def test_run_to_url_without_config(upstream, spawned):
     up = await upstream("ok", name="only-upstream")
-    gw = spawned(await ProxyProc.start("run", "--to", up.url, "--listen", "127.0.0.1:0"))
+    gw = spawned(await ProxyProc.start("run", "--to", up.url, "--listen", "127.0.0.1:0",
+                                       "--admin", "127.0.0.1:0"))
     port = await gw.wait_listening()
     assert gw.address.startswith("127.0.0.1:") and port > 0
 

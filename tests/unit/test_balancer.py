@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass
 
 import pytest
 
@@ -14,11 +13,14 @@ from proxy.servers import ServerState
 KINDS = ["weighted_round_robin", "least_conn", "random", "p2c_ewma"]
 
 
-@dataclass(slots=True, eq=False)
 class FakeServer(ServerState):
     """A ServerState whose availability the test controls (no monkeypatching)."""
 
-    up: bool = True
+    __slots__ = ("up",)
+
+    def __init__(self, url: str, host: str, port: int, weight: int = 1, backup: bool = False) -> None:
+        super().__init__(url, host, port, weight, backup)
+        self.up = True
 
     def available(self, now: float) -> bool:
         return self.up
@@ -215,3 +217,39 @@ def test_random_is_reproducible_with_seed():
         return names(b, 50)
 
     assert run() == run()
+
+
+def test_p2c_ewma_prefers_the_fast_server():
+    """p2c_ewma: with one server at 50 ms and one at 1 ms (EWMA), the fast one gets the
+    large majority of picks; the slow one is still sampled now and then."""
+    slow = ServerState("http://s:1", "s", 1)
+    fast = ServerState("http://f:2", "f", 2)
+    for _ in range(5):
+        slow.latency.add(50.0)
+        fast.latency.add(1.0)
+    b = make_balancer("p2c_ewma", [slow, fast], rng=random.Random(7))
+    picks = [b.pick(0.0) for _ in range(200)]
+    assert picks.count(fast) == 200  # a pair of two always holds both: the cheaper wins
+
+
+def test_p2c_ewma_weighs_load_and_weight():
+    a = ServerState("http://a:1", "a", 1, weight=1)
+    c = ServerState("http://c:2", "c", 2, weight=1)
+    a.latency.add(10.0)
+    c.latency.add(10.0)
+    a.active_requests = 3  # same latency, more in flight: c is cheaper
+    b = make_balancer("p2c_ewma", [a, c], rng=random.Random(1))
+    assert b.pick(0.0) is c
+    heavy = ServerState("http://h:3", "h", 3, weight=10)
+    heavy.latency.add(10.0)
+    heavy.active_requests = 3  # 10x the weight outweighs the extra load
+    b = make_balancer("p2c_ewma", [c, heavy], rng=random.Random(1))
+    assert b.pick(0.0) is heavy
+
+
+def test_p2c_ewma_tries_unmeasured_servers_first():
+    measured = ServerState("http://m:1", "m", 1)
+    measured.latency.add(5.0)
+    new = ServerState("http://n:2", "n", 2)
+    b = make_balancer("p2c_ewma", [measured, new], rng=random.Random(3))
+    assert b.pick(0.0) is new

@@ -1,0 +1,134 @@
+"""Active health checks: one task per server of every pool with a [pools.X.health] table.
+
+The probe goes through the same connect() and UpstreamConnection as live traffic, so a
+failed probe has the same RFC 9209 cause as a failed request would (connection_refused,
+http_response_timeout, ...). This module only observes; ServerState.on_probe decides.
+
+Probes are spread out: each server's first probe waits a random part of the interval,
+and every interval is jittered by ±10%, so a pool's servers are not probed in lockstep
+(HAProxy's spread-checks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from diagnostics.causes import INFO
+from diagnostics.classify import classify
+from proxy.errors import ProxyError
+from proxy.logs import log_event
+from proxy.upstream_conn import UpstreamConnection, connect
+
+JITTER = 0.1
+
+
+class _ProbeTimeouts:
+    """UpstreamConnection's timers, all bounded by the check's own timeout."""
+
+    __slots__ = ("response_header", "idle_read")
+
+    def __init__(self, timeout: float) -> None:
+        self.response_header = timeout
+        self.idle_read = timeout
+
+
+class _Probe:
+    """Stands in for an Exchange on the upstream connection: wants the status only."""
+
+    __slots__ = ("waiter",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.waiter: asyncio.Future[int] = loop.create_future()
+
+    def on_upstream_head(self, conn, head) -> None:
+        if head.status >= 200 and not self.waiter.done():
+            self.waiter.set_result(head.status)
+
+    def on_upstream_failed(self, conn, exc: ProxyError) -> None:
+        if not self.waiter.done():
+            self.waiter.set_exception(exc)
+
+    def on_upstream_body(self, data: bytes) -> None:
+        pass
+
+    def on_upstream_end(self, conn, trailers) -> None:
+        pass
+
+    def pause_client_reading(self) -> None:
+        pass
+
+    def resume_client_reading(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+class HealthChecker:
+    def __init__(self, proxy, pool, cfg) -> None:
+        self.proxy = proxy
+        self.pool = pool
+        self.cfg = cfg
+        self._timeouts = _ProbeTimeouts(cfg.timeout)
+        self._tasks: list[asyncio.Task] = []
+        self._rng = random.Random()
+
+    def start(self) -> None:
+        loop = self.proxy.loop
+        self._tasks = [loop.create_task(self._run(server)) for server in self.pool.servers]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _run(self, server) -> None:
+        interval = self.cfg.interval
+        await asyncio.sleep(self._rng.uniform(0, interval))
+        while True:
+            await self.probe(server)
+            await asyncio.sleep(interval * self._rng.uniform(1 - JITTER, 1 + JITTER))
+
+    async def probe(self, server) -> None:
+        """One check: GET the health path and judge the status."""
+        loop = self.proxy.loop
+        cfg = self.cfg
+        started = loop.time()
+        status = None
+        try:
+            status = await self._get(server)
+        except ProxyError as exc:
+            ok, error, details = False, INFO[classify(exc)].token, exc.detail
+        else:
+            low, high = cfg.expect_status
+            ok = low <= status <= high
+            error = None if ok else "unexpected_status"
+            details = None if ok else f"status {status}, expected {low}-{high}"
+        now = loop.time()
+        change = server.on_probe(ok, now, status=status, error=error,
+                                 latency_ms=round((now - started) * 1000, 2))
+        if change is not None:
+            log_event("server_state", pool=self.pool.name, server=server.address, old=str(change[0]),
+                      new=str(change[1]), by="health_check", error=error, details=details)
+
+    async def _get(self, server) -> int:
+        proxy = self.proxy
+        loop = proxy.loop
+        limits = proxy.cfg.limits
+
+        def factory() -> UpstreamConnection:
+            return UpstreamConnection(loop, server, proxy.parser_kind, limits.max_response_header_bytes,
+                                      self._timeouts)
+
+        conn = await connect(loop, server.host, server.port, self.cfg.timeout, factory)
+        probe = _Probe(loop)
+        request = (f"GET {self.cfg.path} HTTP/1.1\r\nHost: {server.address}\r\n"
+                   f"User-Agent: gatewise-health-check\r\nConnection: close\r\n\r\n").encode()
+        try:
+            conn.begin(probe, b"GET", request, True)
+            return await probe.waiter
+        finally:
+            conn.exchange = None
+            conn.close()

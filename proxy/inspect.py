@@ -1,0 +1,45 @@
+"""What the admin listener reads: snapshots of the running proxy (diagnostics.admin's
+AdminSources). The admin app is handed this object and never imports proxy (STYLE §2)."""
+
+from __future__ import annotations
+
+from diagnostics.metrics import DEFAULT_BUCKETS
+from proxy.config import to_dict
+
+
+class ProxyView:
+    def __init__(self, proxy) -> None:
+        self._proxy = proxy
+
+    @property
+    def token(self) -> str:
+        return self._proxy.cfg.admin.token
+
+    def upstreams(self) -> dict:
+        return {"pools": {name: pool.snapshot() for name, pool in self._proxy.pools.items()}}
+
+    def requests(self) -> list[dict]:
+        return self._proxy.recorder.recent()
+
+    def request(self, request_id: str) -> dict | None:
+        return self._proxy.recorder.get(request_id)
+
+    def config(self) -> dict:
+        return to_dict(self._proxy.cfg, redact=True)
+
+    def metrics(self) -> dict:
+        proxy = self._proxy
+        return {"buckets": list(DEFAULT_BUCKETS), "client_connections": len(proxy.connections),
+                "retries_total": proxy.recorder.retries_total,
+                "keepalive_race_retries_total": proxy.recorder.keepalive_race_retries,
+                "generated_errors": dict(proxy.generated_errors),
+                "pools": {name: pool.metrics() for name, pool in proxy.pools.items()}}
+
+    def ready(self) -> bool:
+        """At least one route leads to a pool with a server that can take traffic."""
+        proxy = self._proxy
+        now = proxy.loop.time()
+        return any(proxy.pools[route.pool].any_available(now) for route in proxy.cfg.routes)
+
+    def doctor(self) -> dict | None:
+        return None  # gatewise doctor arrives with issue 4
