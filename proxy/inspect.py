@@ -3,6 +3,8 @@ AdminSources). The admin app is handed this object and never imports proxy (STYL
 
 from __future__ import annotations
 
+import time
+
 from diagnostics.metrics import DEFAULT_BUCKETS
 from proxy.config import to_dict
 
@@ -16,7 +18,9 @@ class ProxyView:
         return self._proxy.cfg.admin.token
 
     def upstreams(self) -> dict:
-        return {"pools": {name: pool.snapshot() for name, pool in self._proxy.pools.items()}}
+        proxy = self._proxy
+        wall_offset = time.time() - proxy.loop.time()
+        return {"pools": {name: pool.snapshot(wall_offset) for name, pool in proxy.pools.items()}}
 
     def requests(self) -> list[dict]:
         return self._proxy.recorder.recent()

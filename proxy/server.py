@@ -61,9 +61,9 @@ class PoolRuntime:
     def any_available(self, now: float) -> bool:
         return any(s.available(now) for s in self.servers)
 
-    def snapshot(self) -> dict:
+    def snapshot(self, wall_offset: float) -> dict:
         return {"balance": self.cfg.balance,
-                "servers": [s.snapshot(len(self.idle[s])) for s in self.servers]}
+                "servers": [s.snapshot(len(self.idle[s]), wall_offset) for s in self.servers]}
 
     def metrics(self) -> dict:
         return {"request_latency": self.request_latency.snapshot(),

@@ -238,16 +238,22 @@ class ServerState:
         return None
 
     # -- views ----------------------------------------------------------------------------
-    def snapshot(self, idle_connections: int) -> dict:
-        """SPEC's /debug/upstreams entry for this server."""
+    def snapshot(self, idle_connections: int, wall_offset: float = 0.0) -> dict:
+        """SPEC's /debug/upstreams entry for this server. Times are kept on the loop's
+        monotonic clock; `wall_offset` (time.time() - loop.time()) turns them into unix
+        seconds for people and scripts."""
+        last_failure = self.last_failure
+        if last_failure is not None:
+            last_failure = {**last_failure, "at": round(last_failure["at"] + wall_offset, 3)}
+        last_check = None if self.last_check is None else round(self.last_check + wall_offset, 3)
         return {
             "url": self.url, "weight": self.weight, "backup": self.backup, "state": str(self.state),
-            "health": {"last_check": self.last_check, "last_status": self.last_status,
+            "health": {"last_check": last_check, "last_status": self.last_status,
                        "last_error": self.last_error, "consecutive_successes": self.consecutive_successes,
                        "consecutive_failures": self.consecutive_failures, "latency_ms": self.check_latency_ms},
             "active_requests": self.active_requests, "idle_connections": idle_connections,
             "requests_total": self.requests_total, "failures_total": self.failures_total,
-            "failures_by_error": dict(self.failures_by_cause), "last_failure": self.last_failure,
+            "failures_by_error": dict(self.failures_by_cause), "last_failure": last_failure,
             "latency_ms": self.latency.percentiles(),
         }
 

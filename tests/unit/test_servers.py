@@ -104,3 +104,14 @@ def test_latency_window_and_snapshot_shape():
                          "requests_total", "failures_total", "failures_by_error", "last_failure", "latency_ms"}
     assert s.metrics()["responses_by_class"]["2xx"] == 100
     assert s.metrics()["latency"]["count"] == 100
+
+
+def test_snapshot_times_are_unix_seconds():
+    """Regression: last_check and last_failure.at were loop (monotonic) times in /debug."""
+    s = server(active=True)
+    probe(s, True, 100.0)
+    s.on_failure("connection_refused", "x", 101.0)
+    snap = s.snapshot(0, wall_offset=1_700_000_000.0)
+    assert snap["health"]["last_check"] == 1_700_000_100.0
+    assert snap["last_failure"]["at"] == 1_700_000_101.0
+    assert s.last_failure["at"] == 101.0  # the live state keeps loop time
