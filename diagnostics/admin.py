@@ -52,6 +52,7 @@ class AdminSources(Protocol):
     def metrics(self) -> dict: ...
     def ready(self) -> bool: ...
     def doctor(self) -> dict | None: ...  # may also return an awaitable of that
+    def out_reasons(self) -> dict[str, str]: ...  # server url -> why it takes no traffic
 
 
 # ---- responses -----------------------------------------------------------------------------
@@ -179,7 +180,14 @@ def make_app(sources: AdminSources) -> web.Application:
         return _json(report)
 
     async def page(_: web.Request) -> web.Response:
-        return _text(render_debug_page(sources.upstreams(), sources.requests(), time.time()), HTML_TYPE)
+        # The page also says why a server is out; /debug/upstreams keeps SPEC's exact shape.
+        upstreams = sources.upstreams()
+        reasons = sources.out_reasons()
+        for pool in upstreams.get("pools", {}).values():
+            for server in pool.get("servers", []):
+                if server.get("url") in reasons:
+                    server["reason"] = reasons[server["url"]]
+        return _text(render_debug_page(upstreams, sources.requests(), time.time()), HTML_TYPE)
 
     async def metrics(_: web.Request) -> web.Response:
         return _text(render_metrics(sources.metrics()), METRICS_CONTENT_TYPE)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import traceback
+from time import perf_counter
 from collections import deque
 
 from proxy import headers as H
@@ -149,7 +150,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def on_request_head(self, head) -> None:
         proxy = self.proxy
         info = H.scan_request(head, proxy.proxy_name_b)
-        ex = Exchange(self, head, info, self.loop.time())
+        ex = Exchange(self, head, info, perf_counter())
         self.receiving = ex
         if info.problem is not None:
             self._refused_head = ex  # the rejection belongs to this request

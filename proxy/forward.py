@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import traceback
+from time import perf_counter
 
 from diagnostics.causes import INFO
 from diagnostics.classify import classify
@@ -46,7 +47,7 @@ async def forward(proxy, ex) -> None:
     try:
         await _forward(proxy, ex, loop)
         if ex.pool is not None:
-            ex.pool.request_latency.observe(loop.time() - ex.started)
+            ex.pool.request_latency.observe(perf_counter() - ex.started)
     except asyncio.CancelledError:
         # downstream cancels us when the client goes away, or (with ex.finished set)
         # when it has already answered the request itself.
@@ -115,9 +116,9 @@ async def _forward(proxy, ex, loop) -> None:
 
 
 async def _attempt(proxy, pool, server, ex, head_bytes: bytes, loop) -> None:
-    started = loop.time()
+    started = perf_counter()  # durations are measured, not derived from loop ticks (ms under uvloop)
     server.on_attempt_start()
-    conn = proxy.lease(pool, server, started)
+    conn = proxy.lease(pool, server, loop.time())
     race_retry = True
     try:
         while True:
@@ -125,7 +126,7 @@ async def _attempt(proxy, pool, server, ex, head_bytes: bytes, loop) -> None:
                 conn = await proxy.connect(pool, server)
             try:
                 await ex.begin(conn, head_bytes)
-                _log_change(pool, server, server.on_success(ex.status, loop.time() - started), "trial request")
+                _log_change(pool, server, server.on_success(ex.status, perf_counter() - started), "trial request")
                 return
             except ConnectionTerminated:
                 # Only a close/reset before any byte is the race; a timeout is not.
@@ -138,7 +139,7 @@ async def _attempt(proxy, pool, server, ex, head_bytes: bytes, loop) -> None:
                     continue
                 raise
     except ProxyError as exc:
-        _note_attempt(ex, server, exc, loop.time() - started)
+        _note_attempt(ex, server, exc, perf_counter() - started)
         info = INFO[classify(exc)]
         if info.blames_upstream:
             _log_change(pool, server, server.on_failure(info.token, exc.detail, loop.time()),

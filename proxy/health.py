@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from time import perf_counter
 
 from diagnostics.causes import INFO
 from diagnostics.classify import classify
@@ -95,7 +96,7 @@ class HealthChecker:
         """One check: GET the health path and judge the status."""
         loop = self.proxy.loop
         cfg = self.cfg
-        started = loop.time()
+        started = perf_counter()
         status = None
         try:
             status = await self._get(server)
@@ -106,9 +107,8 @@ class HealthChecker:
             ok = low <= status <= high
             error = None if ok else "unexpected_status"
             details = None if ok else f"status {status}, expected {low}-{high}"
-        now = loop.time()
-        change = server.on_probe(ok, now, status=status, error=error,
-                                 latency_ms=round((now - started) * 1000, 2))
+        change = server.on_probe(ok, loop.time(), status=status, error=error,
+                                 latency_ms=round((perf_counter() - started) * 1000, 2))
         if change is not None:
             log_event("server_state", pool=self.pool.name, server=server.address, old=str(change[0]),
                       new=str(change[1]), by="health_check", error=error, details=details)

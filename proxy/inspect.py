@@ -22,6 +22,13 @@ class ProxyView:
         wall_offset = time.time() - proxy.loop.time()
         return {"pools": {name: pool.snapshot(wall_offset) for name, pool in proxy.pools.items()}}
 
+    def out_reasons(self) -> dict[str, str]:
+        """url -> why that server takes no traffic now (servers that do are left out)."""
+        proxy = self._proxy
+        now = proxy.loop.time()
+        return {s.url: s.out_reason(now) for pool in proxy.pools.values() for s in pool.servers
+                if not s.available(now)}
+
     def requests(self) -> list[dict]:
         return self._proxy.recorder.recent()
 

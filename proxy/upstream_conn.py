@@ -23,6 +23,7 @@ import asyncio
 import errno
 import socket
 import traceback
+from time import perf_counter
 
 from proxy.codec import make_response_parser
 from proxy.errors import (AfterHead, BodyReadTimeout, ConnectionTerminated, ConnectRefused, ConnectTimeout,
@@ -51,30 +52,30 @@ async def connect(loop: asyncio.AbstractEventLoop, host: str, port: int, timeout
                   factory) -> "UpstreamConnection":
     """Open a TCP connection; every failure is one typed ProxyError."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    started = loop.time()
+    started = perf_counter()  # loop.time() ticks in whole ms under uvloop: too coarse to report
     try:
         async with asyncio.timeout(timeout):
             _, conn = await loop.create_connection(factory, host, port)
     except TimeoutError:
-        raise ConnectTimeout(f"connect to {address} timed out after {_ms(loop.time() - started)} "
+        raise ConnectTimeout(f"connect to {address} timed out after {_ms(perf_counter() - started)} "
                              f"(timeouts.connect = {timeout:g} s)", upstream=address) from None
     except ConnectionRefusedError:
-        raise ConnectRefused(f"connect ECONNREFUSED after {_ms(loop.time() - started)}",
+        raise ConnectRefused(f"connect ECONNREFUSED after {_ms(perf_counter() - started)}",
                              upstream=address) from None
     except socket.gaierror as exc:
         raise DestinationUnroutable(f"cannot resolve {host}: {exc.strerror}", upstream=address) from None
     except OSError as exc:
         name = errno.errorcode.get(exc.errno or 0, "error")
         if exc.errno in _UNROUTABLE:
-            raise DestinationUnroutable(f"connect {name} after {_ms(loop.time() - started)}",
+            raise DestinationUnroutable(f"connect {name} after {_ms(perf_counter() - started)}",
                                         upstream=address) from None
         if exc.errno == errno.ETIMEDOUT:
-            raise ConnectTimeout(f"connect ETIMEDOUT after {_ms(loop.time() - started)}",
+            raise ConnectTimeout(f"connect ETIMEDOUT after {_ms(perf_counter() - started)}",
                                  upstream=address) from None
         if exc.errno in _REFUSED:
-            raise ConnectRefused(f"connect {name} after {_ms(loop.time() - started)}",
+            raise ConnectRefused(f"connect {name} after {_ms(perf_counter() - started)}",
                                  upstream=address) from None
-        raise LocalConnectError(f"connect {name} ({exc.strerror}) after {_ms(loop.time() - started)}",
+        raise LocalConnectError(f"connect {name} ({exc.strerror}) after {_ms(perf_counter() - started)}",
                                 upstream=address) from None
     return conn
 

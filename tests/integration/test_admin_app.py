@@ -93,6 +93,9 @@ class FakeSources:
     def doctor(self):
         return self.doctor_report
 
+    def out_reasons(self) -> dict[str, str]:
+        return {}
+
 
 @pytest.fixture
 async def admin():
