@@ -200,7 +200,7 @@ def render_metrics(m: dict) -> str:
                        1 if name == state else 0)
 
     out.family("gatewise_upstream_latency_seconds", "histogram",
-               "Time from sending a request to an upstream server until its response head arrived.")
+               "Time from the start of an attempt (connect included) until the upstream's response head arrived.")
     for pool_name, _, s in _servers(m):
         address = s.get("address", "")
         out.histogram("gatewise_upstream_latency_seconds", [("pool", pool_name), ("server", address)],

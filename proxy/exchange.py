@@ -18,6 +18,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+from time import perf_counter
 
 from proxy import headers as H
 from proxy.errors import AwaitingHead, ProxyError, ResponseIncomplete, UnsupportedTransferCoding
@@ -31,7 +32,7 @@ class Exchange:
     __slots__ = ("client", "head", "info", "target", "started", "task", "conn", "_waiter",
                  "body_chunks", "body_size", "body_received", "body_complete", "replayable",
                  "committed", "finished", "framing", "keep_alive", "status", "attempts", "tunnel_rest",
-                 "pool")
+                 "pool", "head_at")
 
     def __init__(self, client, head, info: H.RequestInfo, started: float) -> None:
         self.client = client
@@ -57,6 +58,7 @@ class Exchange:
         self.attempts: list[dict] = []
         self.tunnel_rest = b""  # client bytes after an Upgrade head, held until the 101
         self.pool = None  # the PoolRuntime it was routed to
+        self.head_at = 0.0  # perf_counter when the final response head arrived
 
     # -- request body, from the client ------------------------------------------------
     def on_client_body(self, data: bytes) -> None:
@@ -141,6 +143,7 @@ class Exchange:
             raise UnsupportedTransferCoding(plan.problem, upstream=conn.server.address)
         self.committed = True
         self.status = status
+        self.head_at = perf_counter()
         self.framing = plan.framing
         self.keep_alive = plan.keep_alive
         conn.keepalive_timeout = plan.keepalive_timeout

@@ -46,8 +46,6 @@ async def forward(proxy, ex) -> None:
     loop = proxy.loop
     try:
         await _forward(proxy, ex, loop)
-        if ex.pool is not None:
-            ex.pool.request_latency.observe(perf_counter() - ex.started)
     except asyncio.CancelledError:
         # downstream cancels us when the client goes away, or (with ex.finished set)
         # when it has already answered the request itself.
@@ -72,6 +70,9 @@ async def forward(proxy, ex) -> None:
             ex.client.abort()
         else:
             ex.client.send_error(ex, ProxyError(f"internal error: {type(exc).__name__}"))
+    finally:
+        if ex.pool is not None and ex.committed:  # answered, by the upstream or with an error
+            ex.pool.request_latency.observe(perf_counter() - ex.started)
 
 
 async def _forward(proxy, ex, loop) -> None:
@@ -104,6 +105,8 @@ async def _forward(proxy, ex, loop) -> None:
             if last is not None:  # the last attempt's cause, not "nothing available"
                 raise last
             raise NoServerAvailable(pool.unavailable_reasons(now) or f"pool {pool.name!r} has no servers")
+        if last is not None:
+            proxy.recorder.retries_total += 1
         try:
             await _attempt(proxy, pool, server, ex, head_bytes, loop)
             return
@@ -111,13 +114,12 @@ async def _forward(proxy, ex, loop) -> None:
             if len(ex.attempts) >= allowed or not _may_retry(exc, ex, pool.retry_non_idempotent):
                 raise
             last = exc
-            proxy.recorder.retries_total += 1
             tried.append(server)
 
 
 async def _attempt(proxy, pool, server, ex, head_bytes: bytes, loop) -> None:
     started = perf_counter()  # durations are measured, not derived from loop ticks (ms under uvloop)
-    server.on_attempt_start()
+    trial = server.on_attempt_start()
     conn = proxy.lease(pool, server, loop.time())
     race_retry = True
     try:
@@ -126,7 +128,7 @@ async def _attempt(proxy, pool, server, ex, head_bytes: bytes, loop) -> None:
                 conn = await proxy.connect(pool, server)
             try:
                 await ex.begin(conn, head_bytes)
-                _log_change(pool, server, server.on_success(ex.status, perf_counter() - started), "trial request")
+                _log_change(pool, server, server.on_success(ex.status, ex.head_at - started, trial), "trial request")
                 return
             except ConnectionTerminated:
                 # Only a close/reset before any byte is the race; a timeout is not.
@@ -142,11 +144,11 @@ async def _attempt(proxy, pool, server, ex, head_bytes: bytes, loop) -> None:
         _note_attempt(ex, server, exc, perf_counter() - started)
         info = INFO[classify(exc)]
         if info.blames_upstream:
-            _log_change(pool, server, server.on_failure(info.token, exc.detail, loop.time()),
+            _log_change(pool, server, server.on_failure(info.token, exc.detail, loop.time(), trial),
                         "passive", error=info.token, details=exc.detail)
         raise
     finally:
-        server.on_attempt_end()
+        server.on_attempt_end(trial)
         if not ex.finished:
             ex.detach()
 

@@ -49,6 +49,8 @@ class ProxyView:
     def ready(self) -> bool:
         """At least one route leads to a pool with a server that can take traffic."""
         proxy = self._proxy
+        if proxy.draining:  # stopping: tell load balancers to go elsewhere first
+            return False
         now = proxy.loop.time()
         return any(proxy.pools[route.pool].any_available(now) for route in proxy.cfg.routes)
 

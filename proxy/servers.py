@@ -68,6 +68,7 @@ class LatencyWindow:
     __slots__ = ("_ring", "_next", "_count", "ewma_ms")
     SIZE = 1024
     ALPHA = 0.3  # weight of the newest sample: reacts within a handful of requests
+    PENALTY_MS = 1000.0
 
     def __init__(self) -> None:
         self._ring = array("d", bytes(8 * self.SIZE))
@@ -81,6 +82,11 @@ class LatencyWindow:
         if self._count < self.SIZE:
             self._count += 1
         self.ewma_ms = ms if self._count == 1 else self.ewma_ms + self.ALPHA * (ms - self.ewma_ms)
+
+    def penalize(self) -> None:
+        """A failure costs like a very slow answer, so p2c_ewma steers away from a server
+        that fails fast (a refusing server would otherwise look like the fastest)."""
+        self.ewma_ms = max(self.ewma_ms * 2, self.PENALTY_MS)
 
     def percentiles(self) -> dict[str, float | None]:
         if not self._count:
@@ -147,6 +153,9 @@ class ServerState:
     def out_reason(self, now: float) -> str:
         """Why this server takes no traffic now (for destination_unavailable details)."""
         if self.state is State.UNHEALTHY:
+            if self.consecutive_successes:
+                return (f"{self.address} unhealthy: recovering, {self.consecutive_successes} of "
+                        f"{self.policy.rise} health checks passed")
             return (f"{self.address} unhealthy: {self.consecutive_failures} health checks failed, "
                     f"last {self.last_error}")
         if self.state is State.EJECTED:
@@ -164,36 +173,46 @@ class ServerState:
         old, self.state = self.state, new
         if new is not State.EJECTED:
             self._fails.clear()
+            self.eject_reason = ""
         return old, new
 
     # -- live traffic (forward.py) ------------------------------------------------------
-    def on_attempt_start(self) -> None:
+    def on_attempt_start(self) -> bool:
+        """Count an attempt; True when it is the trial of a cooled ejection (only a
+        cooled, check-less ejected server is ever picked). The caller hands the flag back
+        with the outcome, so only that attempt decides the trial."""
         self.active_requests += 1
         self.requests_total += 1
         if self.state is State.EJECTED:
-            self.trial = True  # only a cooled, check-less ejected server is ever picked
+            self.trial = True
+            return True
+        return False
 
-    def on_attempt_end(self) -> None:
+    def on_attempt_end(self, trial: bool) -> None:
         self.active_requests -= 1
-        self.trial = False  # a trial that ended without a verdict (client gone) frees the slot
+        if trial:
+            self.trial = False  # a trial that ended without a verdict (client gone) frees the slot
 
-    def on_success(self, status: int, seconds: float) -> Transition | None:
+    def on_success(self, status: int, head_seconds: float, trial: bool = False) -> Transition | None:
+        """A response from the upstream (any status it chose). `head_seconds`: attempt
+        start to response head, the latency p50/p99 and p2c_ewma reason about."""
         self.responses_by_class[status // 100 if status < 600 else 5] += 1
-        self.latency.add(seconds * 1000)
-        self.upstream_latency.observe(seconds)
-        if self.state is State.EJECTED and self.trial:
+        self.latency.add(head_seconds * 1000)
+        self.upstream_latency.observe(head_seconds)
+        if trial and self.state is State.EJECTED:
             self.trial = False
             return self._to("trial_ok")
         return None
 
-    def on_failure(self, token: str, details: str, now: float) -> Transition | None:
+    def on_failure(self, token: str, details: str, now: float, trial: bool = False) -> Transition | None:
         """An upstream-caused failure on live traffic."""
         self.failures_total += 1
         self.failures_by_cause[token] = self.failures_by_cause.get(token, 0) + 1
         self.last_failure = {"at": now, "error": token, "details": details}
+        self.latency.penalize()
         policy = self.policy
         if self.state is State.EJECTED:
-            if self.trial:  # the trial failed: out for another period
+            if trial:  # the trial failed: out for another period
                 self.trial = False
                 self.ejected_until = now + policy.eject_for
                 self.eject_reason = f"trial request failed with {token}"

@@ -181,7 +181,7 @@ def test_least_conn_simulated_load_follows_requests():
     for s in picked:
         s.on_attempt_start()
     assert set(picked) == set(servers)
-    picked[1].on_attempt_end()
+    picked[1].on_attempt_end(False)
     assert b.pick(0.0) is picked[1]
 
 

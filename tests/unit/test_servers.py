@@ -58,22 +58,37 @@ def test_without_active_checks_one_trial_request_brings_it_back():
     assert s.on_failure("connection_refused", "x", 0) == (State.UNKNOWN, State.EJECTED)
     assert not s.available(4.9)
     assert s.available(5.0)
-    s.on_attempt_start()            # the trial
-    assert not s.available(5.0)     # only one at a time
-    assert s.on_success(200, 0.01) == (State.EJECTED, State.HEALTHY)
-    s.on_attempt_end()
+    trial = s.on_attempt_start()    # the trial
+    assert trial and not s.available(5.0)  # only one at a time
+    assert s.on_success(200, 0.01, trial) == (State.EJECTED, State.HEALTHY)
+    s.on_attempt_end(trial)
     assert s.available(5.1)
+
+
+def test_only_the_trial_attempt_decides_the_trial():
+    """Regression: the trial marker belonged to the server, so a request that started
+    before the ejection could decide the trial or free its slot."""
+    s = server(max_fails=1, eject_for=5.0)
+    early = s.on_attempt_start()        # in flight before the ejection
+    s.on_failure("connection_refused", "x", 0)
+    trial = s.on_attempt_start()        # cooled... (picked after 5 s)
+    assert trial and not early
+    assert s.on_success(200, 0.01, early) is None   # the early one proves nothing
+    s.on_attempt_end(early)
+    assert s.trial and s.state is State.EJECTED      # the trial slot is still taken
+    assert s.on_success(200, 0.01, trial) == (State.EJECTED, State.HEALTHY)
+    s.on_attempt_end(trial)
 
 
 def test_a_failed_trial_ejects_again_and_a_trial_without_verdict_frees_the_slot():
     s = server(max_fails=1, eject_for=5.0)
     s.on_failure("connection_refused", "x", 0)
-    s.on_attempt_start()
-    assert s.on_failure("connection_refused", "x", 6) is None  # still ejected, for longer
-    s.on_attempt_end()
+    trial = s.on_attempt_start()
+    assert s.on_failure("connection_refused", "x", 6, trial) is None  # still ejected, for longer
+    s.on_attempt_end(trial)
     assert s.state is State.EJECTED and not s.available(10.9) and s.available(11.0)
-    s.on_attempt_start()
-    s.on_attempt_end()  # client went away: no verdict
+    trial = s.on_attempt_start()
+    s.on_attempt_end(trial)  # client went away: no verdict
     assert s.available(11.0)
 
 
@@ -115,3 +130,18 @@ def test_snapshot_times_are_unix_seconds():
     assert snap["health"]["last_check"] == 1_700_000_100.0
     assert snap["last_failure"]["at"] == 1_700_000_101.0
     assert s.last_failure["at"] == 101.0  # the live state keeps loop time
+
+
+def test_unhealthy_reason_while_recovering():
+    s = server(active=True, rise=3, fall=1)
+    probe(s, False, 0, "connection_refused")
+    assert "1 health checks failed, last connection_refused" in s.out_reason(0)
+    probe(s, True, 1)
+    assert "recovering, 1 of 3 health checks passed" in s.out_reason(1)
+
+
+def test_failures_make_a_server_expensive_for_p2c():
+    s = server(max_fails=0)
+    s.on_success(200, 0.001)
+    s.on_failure("connection_refused", "x", 0)
+    assert s.latency.ewma_ms >= 1000.0
