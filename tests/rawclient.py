@@ -106,6 +106,19 @@ async def eventually(predicate, what: str, timeout: float = 3.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def until(check, what: str, timeout: float = 3.0):
+    """Await `check()` until it returns something truthy (returned); fail after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await asyncio.sleep(0.01)
+
+
 def forward_tasks() -> list[asyncio.Task]:
     """Tasks running proxy.forward.forward (matched by code object, not by name: a test
     whose own name contains "forward" must not count)."""

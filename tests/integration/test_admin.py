@@ -8,7 +8,6 @@ Admin-only behaviour does not depend on the client codec, so these run on llhttp
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 
@@ -17,6 +16,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.rawclient import until
 from tests.conftest import Client, http
 
 pytestmark = pytest.mark.parametrize("parser", ["llhttp"])
@@ -28,18 +28,6 @@ STATES = {"healthy", "unhealthy", "ejected", "unknown"}
 
 
 # ---- helpers ----------------------------------------------------------------------------
-
-async def until(check, what: str, timeout: float = 3.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.01)
-
 
 async def get(gw, path: str, token: str | None = None, *, auth: str | None = None):
     """GET on the admin listener with aiohttp: (status, headers, body bytes)."""

@@ -9,12 +9,12 @@ polled with deadlines; no test sleeps to synchronise.
 
 from __future__ import annotations
 
-import asyncio
 import re
 
 import orjson
 import pytest
 
+from tests.rawclient import until
 from tests.conftest import Client, http
 
 INTERVAL = 0.05
@@ -25,19 +25,6 @@ llhttp_only = pytest.mark.parametrize("parser", ["llhttp"])
 
 
 # ---- helpers ----------------------------------------------------------------------------
-
-async def until(check, what: str, timeout: float = 3.0):
-    """Await `check()` until it returns something truthy (returned); fail after `timeout`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.01)
-
 
 async def admin_json(gw, path: str):
     reply = await http(gw.admin.port, "GET", path)
