@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check clean
+.PHONY: run run-config test check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-run: $(STAMP)
+run: $(STAMP)  # the proxy plus built-in demo upstreams; prints what to try
+	$(BIN)/gatewise demo
+
+run-config: $(STAMP)  # the proxy alone, with conf/gatewise.toml (start upstreams on 9001/9002)
 	$(BIN)/gatewise run -c conf/gatewise.toml
 
 test: $(STAMP)

@@ -22,10 +22,15 @@ from enum import StrEnum
 
 class Cause(StrEnum):
     # connect phase: nothing was sent
+    DNS_ERROR = "dns_error"
+    DNS_TIMEOUT = "dns_timeout"
     CONNECT_REFUSED = "connect_refused"
     CONNECT_TIMEOUT = "connect_timeout"
     DESTINATION_UNROUTABLE = "destination_unroutable"
     LOCAL_CONNECT_ERROR = "local_connect_error"
+    TLS_CERTIFICATE = "tls_certificate"
+    TLS_PROTOCOL = "tls_protocol"
+    TLS_ALERT = "tls_alert"
     # request sent (perhaps partly), waiting for the response head
     CONNECTION_TERMINATED = "connection_terminated"
     WRITE_TIMEOUT = "write_timeout"
@@ -63,6 +68,12 @@ class CauseInfo:
 
 _ = CauseInfo
 INFO: dict[Cause, CauseInfo] = {
+    Cause.DNS_ERROR: _(502, "dns_error", True, True, "the upstream's name does not resolve"),
+    Cause.DNS_TIMEOUT: _(504, "dns_timeout", True, True, "resolving the upstream's name timed out"),
+    Cause.TLS_CERTIFICATE: _(502, "tls_certificate_error", True, True,
+                             "the upstream's TLS certificate is not trusted"),
+    Cause.TLS_PROTOCOL: _(502, "tls_protocol_error", True, True, "the TLS handshake with the upstream failed"),
+    Cause.TLS_ALERT: _(502, "tls_alert_received", True, True, "the upstream sent a TLS alert"),
     Cause.CONNECT_REFUSED: _(502, "connection_refused", True, True, "connection refused"),
     Cause.CONNECT_TIMEOUT: _(504, "connection_timeout", True, True, "connect timed out"),
     Cause.DESTINATION_UNROUTABLE: _(502, "destination_ip_unroutable", True, True, "no route to host"),

@@ -14,6 +14,11 @@ Rules:
 - One request is answered at a time per connection; pipelined requests queue, and reading
   pauses once MAX_QUEUED are waiting (bounded memory).
 - Never imports `proxy`: diagnostics never does.
+- `ssl=` (a server-side SSLContext) makes any mode speak TLS and `.url` https://. TLS runs
+  on memory BIOs (`_TLS`) rather than the event loop's own TLS, because both asyncio and
+  uvloop drop the fatal alert when a server-side handshake fails; a real TLS server sends
+  it, and clients (the proxy) must see it. Apart from that it keeps the rules above:
+  close() sends close_notify then FIN, `reset` still resets, no task per connection.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import math
 import random
 import signal
 import socket
+import ssl as _ssl
 import struct
 import sys
 from collections import deque
@@ -390,14 +396,199 @@ class _Conn(asyncio.Protocol):
         self.transport.abort()
 
 
+class _TLS(asyncio.Protocol):
+    """Server-side TLS over one accepted TCP connection (memory BIOs). The _Conn above it is
+    created once the handshake completes (as with create_server(ssl=...): a failed handshake
+    is not an accepted connection) and sees `_TLSTransport`. A failed handshake sends the
+    fatal alert OpenSSL produced, then FIN."""
+
+    def __init__(self, server: FaultServer) -> None:
+        self.s, self.loop = server, server._loop
+        self.raw: asyncio.Transport | None = None
+        self.app: _Conn | None = None
+        self.incoming, self.outgoing = _ssl.MemoryBIO(), _ssl.MemoryBIO()
+        self.sslobj = server.ssl.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.closing = self.app_paused = self.deliver_scheduled = False
+
+    # -- the TCP side
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.raw = transport  # type: ignore[assignment]
+        self.s._conns.add(self)   # until the handshake is done: close() must abort it too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.app is None and not self.closing:   # the client gave up mid-handshake
+            self.s.tls_handshake_failures += 1
+            self.s.last_tls_error = f"connection lost during the handshake ({exc or 'EOF'})"
+        self.closing = True
+        self.s._conns.discard(self)
+        if self.app is not None:
+            self.app.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.app is not None:
+            self.app.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.app is not None:
+            self.app.resume_writing()
+
+    def eof_received(self) -> bool | None:
+        """FIN without close_notify: the app's EOF (it closes), like a plain transport."""
+        if self.app is not None and not self.closing:
+            self.closing = True
+            self.app.eof_received()
+        return None   # the raw transport closes itself
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.incoming.write(data)
+        if self.app is None:
+            try:
+                self.sslobj.do_handshake()
+            except _ssl.SSLWantReadError:
+                self._flush()
+                return
+            except (_ssl.SSLError, ValueError) as exc:
+                self._fail(exc)
+                return
+            self._flush()
+            self.s._conns.discard(self)
+            self.app = _Conn(self.s)
+            self.app.connection_made(_TLSTransport(self))
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand decrypted bytes to the app until it pauses, closes, or the BIO is empty."""
+        self.deliver_scheduled = False
+        while self.app is not None and not self.app_paused and not self.closing:
+            try:
+                chunk = self.sslobj.read(PIECE)
+            except _ssl.SSLWantReadError:
+                break
+            except _ssl.SSLZeroReturnError:
+                chunk = b""
+            except _ssl.SSLError as exc:
+                self._fail(exc)
+                return
+            if not chunk:   # close_notify: the client's EOF
+                self.app.eof_received()
+                self.close()
+                break
+            self.app.data_received(chunk)
+        if not self.closing:
+            self._flush()   # TLS 1.3 tickets, key updates
+
+    def _flush(self) -> None:
+        data = self.outgoing.read()
+        if data and self.raw is not None:
+            self.raw.write(data)
+
+    def _fail(self, exc: Exception) -> None:
+        """Fatal TLS error: send the alert OpenSSL queued, then FIN; then read and discard
+        until the client closes (a close() with unread bytes would RST, and a RST can beat
+        the alert to the client)."""
+        if self.app is None:
+            self.s.tls_handshake_failures += 1
+        self.s.last_tls_error = getattr(exc, "reason", None) or str(exc)
+        self._flush()
+        self.closing = True
+        if self.raw.can_write_eof():
+            self.raw.write_eof()
+        else:
+            self.raw.close()
+
+    # -- what _TLSTransport forwards
+    def write(self, data: bytes) -> None:
+        if self.closing:
+            return
+        view = memoryview(data)
+        while view:
+            view = view[self.sslobj.write(view):]
+        self._flush()
+
+    def close(self) -> None:
+        """close_notify, then FIN after whatever is buffered."""
+        if self.closing:
+            return
+        self.closing = True
+        try:
+            self.sslobj.unwrap()
+        except (_ssl.SSLError, ValueError):
+            pass   # SSLWantReadError: the client's close_notify is not awaited
+        self._flush()
+        self.raw.close()
+
+    def abort(self) -> None:
+        self.closing = True
+        self.raw.abort()
+
+    def pause_reading(self) -> None:
+        self.app_paused = True
+        self.raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.app_paused = False
+        if not self.closing:
+            self.raw.resume_reading()
+            if not self.deliver_scheduled:   # bytes already decrypted-able; never re-enter the app
+                self.deliver_scheduled = True
+                self.loop.call_soon(self._deliver)
+
+
+class _TLSTransport(asyncio.Transport):
+    """The transport a _Conn sees on a TLS connection."""
+
+    def __init__(self, tls: _TLS) -> None:
+        super().__init__()
+        self._tls = tls
+
+    def write(self, data: bytes) -> None:
+        self._tls.write(data)
+
+    def close(self) -> None:
+        self._tls.close()
+
+    def abort(self) -> None:
+        self._tls.abort()
+
+    def is_closing(self) -> bool:
+        return self._tls.closing
+
+    def pause_reading(self) -> None:
+        self._tls.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._tls.resume_reading()
+
+    def is_reading(self) -> bool:
+        return not self._tls.app_paused
+
+    def get_write_buffer_size(self) -> int:
+        return self._tls.raw.get_write_buffer_size()
+
+    def get_extra_info(self, name: str, default=None):
+        if name == "ssl_object":
+            return self._tls.sslobj
+        if name == "peercert":
+            return self._tls.sslobj.getpeercert()
+        if name == "cipher":
+            return self._tls.sslobj.cipher()
+        return self._tls.raw.get_extra_info(name, default)
+
+
 class FaultServer:
     """An upstream that misbehaves in one chosen way; `async with FaultServer("hang") as up:`."""
 
     def __init__(self, mode: str = "ok", host: str = "127.0.0.1", port: int = 0, *, name: str | None = None,
                  close_after: int | None = None, keepalive_timeout: float | None = None,
                  advertise_keepalive: bool = False, read_rate: int | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, ssl: _ssl.SSLContext | None = None) -> None:
         self.mode, self.arg = parse_mode(mode)
+        if ssl is not None and self.mode == "tls":
+            raise ValueError("fault mode 'tls' imitates a TLS server to plaintext clients; "
+                             "with ssl= every mode already speaks TLS")
+        self.ssl = ssl                  # server-side context: speak TLS (any mode); url is https://
         self.mode_text = mode
         self.host, self.port, self.name = host, port, name
         self.close_after, self.keepalive_timeout = close_after, keepalive_timeout
@@ -405,9 +596,11 @@ class FaultServer:
         self.rng = random.Random(seed)
         self.requests_seen = self.connections_accepted = 0
         self.last_request: dict | None = None
+        self.tls_handshake_failures = 0            # ssl=: handshakes that failed (alert sent)
+        self.last_tls_error: str | None = None     # ssl=: OpenSSL's reason, e.g. "TLSV1_ALERT_UNKNOWN_CA"
         self._server: asyncio.AbstractServer | None = None
         self._socks: list[socket.socket] = []   # blackhole: the listener and its fillers
-        self._conns: set[_Conn] = set()
+        self._conns: set[_Conn | _TLS] = set()   # _TLS: handshake still in progress
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seen: asyncio.Event | None = None
         self._tag = self._filler = b""
@@ -418,7 +611,7 @@ class FaultServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return f"{'https' if self.ssl is not None else 'http'}://{self.address}"
 
     def _family(self) -> socket.AddressFamily:
         return socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -434,7 +627,8 @@ class FaultServer:
         elif self.mode == "blackhole":
             await self._start_blackhole()
         else:
-            self._server = await self._loop.create_server(lambda: _Conn(self), self.host, self.port)
+            factory = (lambda: _TLS(self)) if self.ssl is not None else (lambda: _Conn(self))
+            self._server = await self._loop.create_server(factory, self.host, self.port)
             self.port = self._server.sockets[0].getsockname()[1]
         self._tag = (self.name or self.address).encode("latin-1")
         if self.mode == "huge-header":

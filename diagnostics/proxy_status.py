@@ -147,7 +147,8 @@ def render(proxy_name: str, *, error: str | None = None, next_hop: str | None = 
 
 
 def render_cause(proxy_name: str, cause: Cause, *, next_hop: str | None = None,
-                 details: str | None = None, minimal: bool = False) -> bytes:
+                 details: str | None = None, minimal: bool = False,
+                 extra: tuple[tuple[str, str | int], ...] = ()) -> bytes:
     """The member for a response gatewise generated because of `cause`.
 
     `minimal=True` (SPEC `detail = "minimal"`) emits only the error parameter: no next
@@ -155,7 +156,8 @@ def render_cause(proxy_name: str, cause: Cause, *, next_hop: str | None = None,
     """
     if minimal:
         return (_member_name(proxy_name) + _CAUSE_PARAM[cause]).encode("ascii")
-    return _render(_member_name(proxy_name), _CAUSE_PARAM[cause], next_hop, details, None, ())
+    # extra: the cause's own RFC 9209 parameters (rcode, alert-id, alert-message)
+    return _render(_member_name(proxy_name), _CAUSE_PARAM[cause], next_hop, details, None, extra)
 
 
 def append(existing: bytes | None, member: bytes) -> bytes:

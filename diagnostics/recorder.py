@@ -21,10 +21,11 @@ class Recorder:
         self.retries_total = 0
 
     def record_failure(self, *, request_id: str, method: str, path: str, status: int, error: str,
-                       details: str, attempts: list[dict], at: float | None = None) -> dict:
+                       details: str, attempts: list[dict], hint: str | None = None,
+                       at: float | None = None) -> dict:
         entry = {"request_id": request_id, "at": time.time() if at is None else at, "method": method,
                  "path": path, "status": status, "error": error, "details": details,
-                 "attempts": attempts}
+                 "hint": hint, "attempts": attempts}
         self.failures_by_error[error] = self.failures_by_error.get(error, 0) + 1
         ring = self._ring
         ring.pop(request_id, None)

@@ -1,4 +1,4 @@
-"""Command line: `gatewise run | check | faults`.
+"""Command line: `gatewise run | check | doctor | demo | faults`.
 
 Exit codes: 0 success, 1 invalid configuration (one line per problem, naming the key),
 2 usage errors (argparse's convention).
@@ -27,6 +27,14 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("-c", "--config", default=None, help=f"TOML config (default: {DEFAULT_CONFIG})")
+
+    doctor = sub.add_parser("doctor", help="diagnose every upstream server (the 502 checklist)")
+    doctor.add_argument("-c", "--config", default=None, help=f"TOML config (default: {DEFAULT_CONFIG})")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    demo = sub.add_parser("demo", help="a proxy with built-in demo upstreams, to try things")
+    demo.add_argument("--listen", default="127.0.0.1:8080", metavar="H:P")
+    demo.add_argument("--admin", default="127.0.0.1:9901", metavar="H:P")
 
     faults = sub.add_parser("faults", help="run a fault-injecting upstream")
     faults.add_argument("--listen", default="127.0.0.1:9001", metavar="H:P")
@@ -69,6 +77,17 @@ def main(argv: list[str] | None = None) -> int:
         from proxy.server import run_forever
 
         return run_forever(cfg)
+    if args.command == "doctor":
+        cfg = _load(args)
+        if cfg is None:
+            return 1
+        from diagnostics.doctor import main_doctor
+
+        return main_doctor(cfg, as_json=args.json)
+    if args.command == "demo":
+        from proxy.demo import main_demo
+
+        return main_demo(listen=args.listen, admin=args.admin)
     if args.command == "faults":
         from diagnostics.faults import main_faults
 

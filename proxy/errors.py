@@ -21,6 +21,8 @@ from diagnostics.causes import Cause
 
 class ProxyError(Exception):
     cause: ClassVar[Cause]
+    # The cause's own RFC 9209 parameters for Proxy-Status (rcode, alert-id, ...).
+    params: tuple[tuple[str, str | int], ...] = ()
 
     def __init__(self, detail: str = "", *, upstream: str | None = None) -> None:
         super().__init__(detail)
@@ -50,6 +52,47 @@ class ClientFault(ProxyError):
 
 
 # -- leaves: connect ------------------------------------------------------------------
+class DnsError(BeforeSend):
+    """The name does not resolve (RFC 9209 §2.3.2; rcode like "NXDOMAIN" when known)."""
+
+    cause = Cause.DNS_ERROR
+
+    def __init__(self, detail: str = "", *, upstream: str | None = None, rcode: str | None = None) -> None:
+        super().__init__(detail, upstream=upstream)
+        if rcode:
+            self.params = (("rcode", rcode),)
+
+
+class DnsTimeout(BeforeSend):
+    cause = Cause.DNS_TIMEOUT
+
+
+class TlsCertificateError(BeforeSend):
+    cause = Cause.TLS_CERTIFICATE
+
+
+class TlsProtocolError(BeforeSend):
+    cause = Cause.TLS_PROTOCOL
+
+
+class TlsAlertReceived(BeforeSend):
+    """The upstream ended the handshake with a TLS alert (RFC 9209 §2.3.15). The HTTP
+    request never reached its application, so this stays retry-safe even when the
+    alert arrives after our first bytes (TLS 1.3 client-certificate checks)."""
+
+    cause = Cause.TLS_ALERT
+
+    def __init__(self, detail: str = "", *, upstream: str | None = None, alert_id: int | None = None,
+                 alert_message: str | None = None) -> None:
+        super().__init__(detail, upstream=upstream)
+        params: list[tuple[str, str | int]] = []
+        if alert_id is not None:
+            params.append(("alert-id", alert_id))
+        if alert_message:
+            params.append(("alert-message", alert_message))
+        self.params = tuple(params)
+
+
 class ConnectRefused(BeforeSend):
     cause = Cause.CONNECT_REFUSED
 

@@ -19,7 +19,6 @@ from diagnostics.causes import INFO
 from diagnostics.classify import classify
 from proxy.errors import ProxyError
 from proxy.logs import log_event
-from proxy.upstream_conn import UpstreamConnection, connect
 
 JITTER = 0.1
 
@@ -114,15 +113,8 @@ class HealthChecker:
                       new=str(change[1]), by="health_check", error=error, details=details)
 
     async def _get(self, server) -> int:
-        proxy = self.proxy
-        loop = proxy.loop
-        limits = proxy.cfg.limits
-
-        def factory() -> UpstreamConnection:
-            return UpstreamConnection(loop, server, proxy.parser_kind, limits.max_response_header_bytes,
-                                      self._timeouts)
-
-        conn = await connect(loop, server.host, server.port, self.cfg.timeout, factory)
+        loop = self.proxy.loop
+        conn = await self.proxy.dial(self.pool, server, self._timeouts, self.cfg.timeout)
         probe = _Probe(loop)
         request = (f"GET {self.cfg.path} HTTP/1.1\r\nHost: {server.address}\r\n"
                    f"User-Agent: gatewise-health-check\r\nConnection: close\r\n\r\n").encode()

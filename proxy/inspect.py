@@ -55,4 +55,6 @@ class ProxyView:
         return any(proxy.pools[route.pool].any_available(now) for route in proxy.cfg.routes)
 
     def doctor(self) -> dict | None:
-        return None  # gatewise doctor arrives with issue 4
+        from diagnostics.doctor import run_doctor  # imported on use: only /debug/doctor needs it
+
+        return run_doctor(self._proxy.cfg)  # a coroutine: the admin app awaits it

@@ -10,12 +10,14 @@ left when `timeouts.shutdown_grace` runs out.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
-import sys
+import time
 
 from diagnostics import error_body, proxy_status
-from diagnostics.causes import INFO
+from diagnostics.causes import INFO, Cause
 from diagnostics.classify import classify
+from diagnostics.hints import HintContext, hint_for
 from diagnostics.metrics import Histogram
 from diagnostics.recorder import Recorder
 from proxy.balancer import make_balancer
@@ -31,12 +33,14 @@ from proxy.logs import log_event
 from proxy.pool import IdlePool, idle_expiry
 from proxy.router import Route, Router
 from proxy.servers import HealthPolicy, ServerState
+from proxy.resolve import Resolver
+from proxy.tls import client_context
 from proxy.upstream_conn import UpstreamConnection, connect
 
 
 class PoolRuntime:
     __slots__ = ("name", "cfg", "servers", "balancer", "retries", "retry_non_idempotent", "idle",
-                 "request_latency")
+                 "request_latency", "tls")
 
     def __init__(self, cfg) -> None:
         self.name = cfg.name
@@ -54,6 +58,9 @@ class PoolRuntime:
         self.retry_non_idempotent = cfg.retry_non_idempotent
         self.idle = {s: IdlePool() for s in self.servers}
         self.request_latency = Histogram()  # seconds, client view, for /metrics
+        # https:// servers: (context, name to send as SNI and verify), built once
+        self.tls = {state: (client_context(verify=c.tls_verify, ca_file=c.ca_file), c.sni or c.host)
+                    for state, c in zip(self.servers, cfg.servers) if c.scheme == "https"}
 
     def unavailable_reasons(self, now: float) -> str:
         return "; ".join(s.out_reason(now) for s in self.servers)
@@ -73,9 +80,10 @@ class PoolRuntime:
 class Proxy:
     """Shared state of one running proxy."""
 
-    def __init__(self, cfg: ProxyConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, cfg: ProxyConfig, loop: asyncio.AbstractEventLoop, lookup=None) -> None:
         self.cfg = cfg
         self.loop = loop
+        self.resolver = Resolver(loop, lookup)
         self.parser_kind = resolve_parser(cfg.listen.parser)
         self.router = Router([Route(r.host, r.path_prefix, r.pool, r.strip_prefix) for r in cfg.routes])
         self.pools = {name: PoolRuntime(p) for name, p in cfg.pools.items()}
@@ -98,16 +106,26 @@ class Proxy:
         return conn
 
     async def connect(self, pool: PoolRuntime, server: ServerState) -> UpstreamConnection:
+        """A new connection for live traffic, owned by the server's idle pool."""
         cfg = self.cfg
-        idle = pool.idle[server]
+        conn = await self.dial(pool, server, cfg.timeouts, cfg.timeouts.connect)
+        conn.idle_pool = pool.idle[server]
+        return conn
+
+    async def dial(self, pool: PoolRuntime, server: ServerState, timeouts, timeout: float) -> UpstreamConnection:
+        """Resolve (cached), pick the next endpoint, connect (+TLS). Health checks use
+        this too, so a probe fails with the cause a request would."""
+        loop = self.loop
+        addresses = await self.resolver.addresses(server.host, server.port, timeout, upstream=server.address)
+        ip = server.next_endpoint(addresses)
+        tls, name = pool.tls.get(server, (None, None))
+        max_head = self.cfg.limits.max_response_header_bytes
 
         def factory() -> UpstreamConnection:
-            conn = UpstreamConnection(self.loop, server, self.parser_kind,
-                                      cfg.limits.max_response_header_bytes, cfg.timeouts)
-            conn.idle_pool = idle
-            return conn
+            return UpstreamConnection(loop, server, self.parser_kind, max_head, timeouts)
 
-        return await connect(self.loop, server.host, server.port, cfg.timeouts.connect, factory)
+        return await connect(loop, ip, server.port, timeout, factory, address=server.address,
+                             tls=tls, server_name=name)
 
     def release(self, conn: UpstreamConnection, request_complete: bool) -> None:
         """An exchange finished on conn: pool it when both sides allow, else close it."""
@@ -138,11 +156,14 @@ class Proxy:
         if len(attempts) > 1:
             details = f"{details}; {len(attempts)} attempts"
         member = proxy_status.render_cause(self.proxy_name, cause, next_hop=next_hop, details=details,
-                                           minimal=self.minimal)
+                                           minimal=self.minimal, extra=exc.params)
+        entry = self.record(ex, exc, status=info.status, details=details, request_id=request_id)
         accept = ex.info.accept if ex is not None else None
+        # The hint is for people: in the body and /debug, never in Proxy-Status.
         ctype, body = error_body.render_body(
             error_body.choose_format(accept), status=info.status, error=info.token,
-            request_id=request_id, details=details, attempts=attempts, minimal=self.minimal)
+            request_id=request_id, details=details, hint=entry["hint"], attempts=attempts,
+            minimal=self.minimal)
         body_out = b"" if ex is not None and ex.head.method == b"HEAD" else body
         if not keep_alive:
             connection = b"Connection: close\r\n"
@@ -157,31 +178,48 @@ class Proxy:
                          b"Proxy-Status: ", member, b"\r\n",
                          b"X-Request-Id: ", request_id.encode(), b"\r\n",
                          connection, b"\r\n"))
-        self.record(ex, exc, status=info.status, details=details, request_id=request_id)
         self.generated_errors[info.token] = self.generated_errors.get(info.token, 0) + 1
         return head + body_out
 
     def record(self, ex, exc: ProxyError, *, status: int | None = None, details: str | None = None,
-               request_id: str | None = None) -> None:
+               request_id: str | None = None) -> dict:
         cause = classify(exc)
         info = INFO[cause]
         if request_id is None:
             request_id = ex.info.request_id if ex is not None else "-"
         method = ex.head.method.decode("latin-1") if ex is not None else "-"
         path = ex.head.target[:512].decode("latin-1") if ex is not None else "-"
+        details = details or exc.detail or info.summary
         entry = self.recorder.record_failure(
             request_id=request_id, method=method, path=path,
-            status=info.status if status is None else status, error=info.token,
-            details=details or exc.detail or info.summary,
+            status=info.status if status is None else status, error=info.token, details=details,
+            hint=self._hint(cause, exc, ex, details, path),
             attempts=list(ex.attempts) if ex is not None else [])
         log_event("request_failed", **entry)
+        return entry
+
+    def _hint(self, cause: Cause, exc: ProxyError, ex, details: str, path: str) -> str | None:
+        """What a person should check next, written with the actual values."""
+        server = None
+        if exc.upstream is not None and ex is not None and ex.pool is not None:
+            server = next((s for s in ex.pool.servers if s.address == exc.upstream), None)
+        cfg = self.cfg
+        ctx = HintContext(server=exc.upstream, host=server.host if server else None,
+                          port=server.port if server else None, at=time.time(),
+                          timeouts=dataclasses.asdict(cfg.timeouts), limits=dataclasses.asdict(cfg.limits),
+                          p99_ms=server.latency.percentiles()["p99"] if server else None, details=details,
+                          pool=ex.pool.name if ex is not None and ex.pool is not None else None,
+                          path=path if path != "-" else None, proxy_name=self.proxy_name,
+                          reasons=details if cause is Cause.NO_SERVER_AVAILABLE else None)
+        return hint_for(cause.value, ctx)
 
 
 class Server:
     """A listening proxy. `await start()`, then `await stop()`."""
 
-    def __init__(self, cfg: ProxyConfig) -> None:
+    def __init__(self, cfg: ProxyConfig, *, lookup=None) -> None:
         self.cfg = cfg
+        self._lookup = lookup  # injectable name lookup (tests): async (host, port) -> [ip, ...]
         self.proxy: Proxy | None = None
         self.admin = None  # diagnostics.admin.AdminServer
         self._checkers: list[HealthChecker] = []
@@ -192,7 +230,7 @@ class Server:
 
     async def start(self) -> "Server":
         loop = asyncio.get_running_loop()
-        self.proxy = Proxy(self.cfg, loop)
+        self.proxy = Proxy(self.cfg, loop, self._lookup)
         self._server = await loop.create_server(lambda: DownstreamProtocol(self.proxy),
                                                 self.cfg.listen.host, self.cfg.listen.port,
                                                 backlog=1024, reuse_address=True)
@@ -240,6 +278,7 @@ class Server:
         await self._server.wait_closed()
         for checker in self._checkers:
             await checker.stop()
+        proxy.resolver.cancel()
         if self.admin is not None:
             await self.admin.close()
             self.admin = None
@@ -252,14 +291,6 @@ def run_forever(cfg: ProxyConfig) -> int:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio still works
         uvloop = None
-
-    https = [f"pools.{p.name}.servers[{i}].url: https:// upstreams are not supported yet "
-             f"(TLS arrives in a later release); refusing to send plaintext to {s.url}"
-             for p in cfg.pools.values() for i, s in enumerate(p.servers) if s.scheme == "https"]
-    if https:
-        for line in https:
-            print(line, file=sys.stderr)
-        return 1
 
     async def main() -> int:
         server = Server(cfg)

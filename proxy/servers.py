@@ -102,7 +102,7 @@ class ServerState:
                  "last_failure", "current_weight", "consecutive_successes", "consecutive_failures",
                  "last_check", "last_status", "last_error", "check_latency_ms", "checks_pass",
                  "checks_fail", "_fails", "ejected_until", "eject_reason", "trial", "latency",
-                 "responses_by_class", "upstream_latency")
+                 "responses_by_class", "upstream_latency", "endpoints", "_endpoint")
 
     def __init__(self, url: str, host: str, port: int, weight: int = 1, backup: bool = False,
                  policy: HealthPolicy | None = None) -> None:
@@ -139,6 +139,15 @@ class ServerState:
         self.ejected_until = 0.0
         self.eject_reason = ""
         self.trial = False
+        # addresses the host resolved to (one for an IP literal); connections rotate
+        self.endpoints: list[str] = []
+        self._endpoint = 0
+
+    def next_endpoint(self, addresses: list[str]) -> str:
+        """Record the current resolution and pick the next address, round robin."""
+        self.endpoints = addresses
+        self._endpoint = (self._endpoint + 1) % len(addresses)
+        return addresses[self._endpoint]
 
     # -- the balancer's question ----------------------------------------------------------
     def available(self, now: float) -> bool:
@@ -274,6 +283,7 @@ class ServerState:
             "requests_total": self.requests_total, "failures_total": self.failures_total,
             "failures_by_error": dict(self.failures_by_cause), "last_failure": last_failure,
             "latency_ms": self.latency.percentiles(),
+            "endpoints": [f"[{a}]:{self.port}" if ":" in a else f"{a}:{self.port}" for a in self.endpoints],
         }
 
     def metrics(self) -> dict:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import socket
+import ssl
 import traceback
 from time import perf_counter
 
@@ -31,6 +31,7 @@ from proxy.errors import (AfterHead, BodyReadTimeout, ConnectionTerminated, Conn
                           UpstreamProtocolError, WriteTimeout)
 from proxy.flow import HIGH_WATER, LOW_WATER, Deadline
 from proxy.logs import log_event
+from proxy.tls import translate
 
 IDLE, SENDING, WAITING, BODY, CLOSED = "idle", "sending", "waiting", "body", "closed"
 
@@ -48,23 +49,31 @@ def looks_like_tls(data: bytes) -> bool:
     return len(data) >= 2 and 20 <= data[0] <= 23 and data[1] == 3
 
 
-async def connect(loop: asyncio.AbstractEventLoop, host: str, port: int, timeout: float,
-                  factory) -> "UpstreamConnection":
-    """Open a TCP connection; every failure is one typed ProxyError."""
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+async def connect(loop: asyncio.AbstractEventLoop, ip: str, port: int, timeout: float, factory, *,
+                  address: str, tls: ssl.SSLContext | None = None,
+                  server_name: str | None = None) -> "UpstreamConnection":
+    """Open a TCP (+TLS) connection to ip:port; every failure is one typed ProxyError.
+    `address` is the configured "host:port" named in errors; `server_name` is the TLS
+    name to send (SNI) and verify."""
     started = perf_counter()  # loop.time() ticks in whole ms under uvloop: too coarse to report
     try:
         async with asyncio.timeout(timeout):
-            _, conn = await loop.create_connection(factory, host, port)
+            if tls is None:
+                _, conn = await loop.create_connection(factory, ip, port)
+            else:
+                _, conn = await loop.create_connection(factory, ip, port, ssl=tls, server_hostname=server_name,
+                                                       ssl_handshake_timeout=timeout)
     except TimeoutError:
         raise ConnectTimeout(f"connect to {address} timed out after {_ms(perf_counter() - started)} "
                              f"(timeouts.connect = {timeout:g} s)", upstream=address) from None
     except ConnectionRefusedError:
         raise ConnectRefused(f"connect ECONNREFUSED after {_ms(perf_counter() - started)}",
                              upstream=address) from None
-    except socket.gaierror as exc:
-        raise DestinationUnroutable(f"cannot resolve {host}: {exc.strerror}", upstream=address) from None
+    except ssl.SSLError as exc:
+        raise translate(exc, upstream=address, server_name=server_name or ip) from None
     except OSError as exc:
+        if tls is not None and isinstance(exc, ConnectionResetError):
+            raise translate(exc, upstream=address, server_name=server_name or ip) from None
         name = errno.errorcode.get(exc.errno or 0, "error")
         if exc.errno in _UNROUTABLE:
             raise DestinationUnroutable(f"connect {name} after {_ms(perf_counter() - started)}",
@@ -163,7 +172,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self._tunnel and self.exchange is not None:
             self.exchange.on_tunnel_eof(self)
             self.exchange = None
-        if exc is None:
+        if isinstance(exc, ssl.SSLError) and self.exchange is not None and not self.head_seen:
+            # e.g. a TLS 1.3 server refusing our (missing) client certificate after the handshake
+            self.fail(translate(exc, upstream=self.server.address, server_name=self.server.host))
+        elif exc is None:
             self._lost("upstream closed the connection")
         elif isinstance(exc, ConnectionResetError):
             self._lost("upstream reset the connection (RST)")

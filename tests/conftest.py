@@ -73,12 +73,13 @@ def proxy_config(servers, *, parser: str = "llhttp", pool: dict | None = None, *
 async def gateway(parser):
     started: list[Server] = []
 
-    async def make(servers, *, pool: dict | None = None, raw: dict | None = None, **sections) -> Server:
+    async def make(servers, *, pool: dict | None = None, raw: dict | None = None, lookup=None,
+                   **sections) -> Server:
         data = raw if raw is not None else proxy_config(servers, parser=parser, pool=pool, **sections)
         if raw is not None:
             data.setdefault("listen", {}).update({"address": "127.0.0.1:0", "parser": parser})
             data.setdefault("admin", {}).setdefault("address", "127.0.0.1:0")
-        server = await Server(parse_config(data)).start()
+        server = await Server(parse_config(data), lookup=lookup).start()
         started.append(server)
         return server
 

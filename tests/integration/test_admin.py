@@ -94,7 +94,8 @@ def is_int(v) -> bool:
 # ---- 4. /debug/upstreams: SPEC's shape, exactly ------------------------------------------
 
 SERVER_KEYS = {"url", "weight", "backup", "state", "health", "active_requests", "idle_connections",
-               "requests_total", "failures_total", "failures_by_error", "last_failure", "latency_ms"}
+               "requests_total", "failures_total", "failures_by_error", "last_failure", "latency_ms",
+               "endpoints"}  # SPEC's shape plus the resolved addresses (issue 4)
 HEALTH_KEYS = {"last_check", "last_status", "last_error", "consecutive_successes",
                "consecutive_failures", "latency_ms"}
 
@@ -123,6 +124,7 @@ def check_server_schema(s: dict) -> None:
     if lf is not None:
         assert isinstance(lf, dict) and set(lf) == {"at", "error", "details"}, lf
         assert is_num(lf["at"]) and isinstance(lf["error"], str) and isinstance(lf["details"], str)
+    assert isinstance(s["endpoints"], list) and all(isinstance(e, str) for e in s["endpoints"])
     lat = s["latency_ms"]
     assert isinstance(lat, dict) and set(lat) == {"p50", "p99"}, lat
     for k in ("p50", "p99"):

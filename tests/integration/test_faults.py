@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ import orjson
 import pytest
 
 from diagnostics.faults import GARBAGE, PARTIAL_LENGTH, PARTIAL_SENT, TLS_ALERT, FaultServer, parse_mode
+from tests.tlsutil import client_context, pki, server_context  # noqa: F401 (pki: fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 GET = b"GET / HTTP/1.1\r\nHost: up\r\n\r\n"
@@ -37,8 +39,10 @@ class Client:
         self.reader, self.writer, self.h11 = reader, writer, h11.Connection(h11.CLIENT)
 
     @classmethod
-    async def open(cls, server: FaultServer) -> Client:
-        return cls(*await asyncio.wait_for(asyncio.open_connection("127.0.0.1", server.port), 2))
+    async def open(cls, server: FaultServer, tls: ssl.SSLContext | None = None) -> Client:
+        """tls: a client context; the TLS server name is "localhost"."""
+        return cls(*await asyncio.wait_for(asyncio.open_connection(
+            "127.0.0.1", server.port, ssl=tls, server_hostname="localhost" if tls else None), 2))
 
     async def request(self, method: str, target: str, headers: list[tuple[str, str]] | None = None,
                       body: bytes = b"", chunked: bool = False, timeout: float = 5.0):
@@ -85,9 +89,11 @@ def header(response: h11.Response, name: str) -> str | None:
     return None
 
 
-async def raw_exchange(server: FaultServer, request: bytes = GET, timeout: float = 3.0) -> bytes:
-    """Send raw bytes, read until EOF (bounded by `timeout`)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", server.port), 2)
+async def raw_exchange(server: FaultServer, request: bytes = GET, timeout: float = 3.0,
+                       tls: ssl.SSLContext | None = None) -> bytes:
+    """Send raw bytes, read until EOF (bounded by `timeout`); tls: over TLS to "localhost"."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(
+        "127.0.0.1", server.port, ssl=tls, server_hostname="localhost" if tls else None), 2)
     try:
         writer.write(request)
         async with asyncio.timeout(timeout):
@@ -467,3 +473,145 @@ def test_faults_module_does_not_import_proxy():
     code = "import sys, diagnostics.faults; print(sorted(m for m in sys.modules if m.split('.')[0] == 'proxy'))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+# -- TLS serving (ssl=): every mode over TLS, and the alerts a real TLS server sends
+
+async def test_tls_serves_ok_with_keep_alive_and_an_https_url(pki):
+    async with FaultServer(ssl=server_context(pki.good)) as up:
+        assert up.url == f"https://127.0.0.1:{up.port}"
+        c = await Client.open(up, client_context(pki.ca))
+        for _ in range(2):
+            resp, body, _ = await c.request("GET", "/health")
+            assert resp.status_code == 200 and body == b"ok\n"
+        resp, body, _ = await c.request("POST", "/echo", body=b"x" * 100_000)
+        echo = orjson.loads(body)
+        assert echo["body_bytes"] == 100_000 and echo["body_sha256"] == hashlib.sha256(b"x" * 100_000).hexdigest()
+        cert = c.writer.get_extra_info("peercert")
+        assert ("DNS", "localhost") in cert["subjectAltName"]
+        await c.close()
+        assert up.connections_accepted == 1 and up.requests_seen == 3 and up.tls_handshake_failures == 0
+
+
+async def test_tls_streams_big_bodies_exactly(pki):
+    """/bytes and /chunked over TLS: the pump and its backpressure work through the TLS layer."""
+    async with FaultServer(ssl=server_context(pki.good)) as up:
+        c = await Client.open(up, client_context(pki.ca))
+        resp, body, _ = await c.request("GET", "/bytes/3000000")
+        assert header(resp, "content-length") == "3000000" and len(body) == 3_000_000
+        resp, body, trailers = await c.request("GET", "/chunked/300000")
+        assert len(body) == 300_000 and trailers[b"x-checksum"] == b"300000"
+        await c.close()
+
+
+@pytest.mark.parametrize("mode", ["status:503", "slow:0.2"])
+async def test_tls_answering_modes(pki, mode):
+    async with FaultServer(mode, ssl=server_context(pki.good)) as up:
+        c = await Client.open(up, client_context(pki.ca))
+        started = time.monotonic()
+        resp, _, _ = await c.request("GET", "/")
+        assert resp.status_code == (503 if mode.startswith("status") else 200)
+        if mode.startswith("slow"):
+            assert time.monotonic() - started >= 0.18
+        await c.close()
+
+
+@pytest.mark.parametrize("mode, expected", [("garbage", GARBAGE), ("close", b"")])
+async def test_tls_non_answers_are_sent_inside_tls(pki, mode, expected):
+    """garbage: the bytes come through TLS; close: close_notify then FIN (a clean EOF)."""
+    async with FaultServer(mode, ssl=server_context(pki.good)) as up:
+        assert await raw_exchange(up, tls=client_context(pki.ca)) == expected
+        assert up.requests_seen == 1
+
+
+async def test_tls_reset_resets(pki):
+    async with FaultServer("reset", ssl=server_context(pki.good)) as up:
+        with pytest.raises(ConnectionResetError):
+            await raw_exchange(up, tls=client_context(pki.ca))
+        assert up.requests_seen == 1
+
+
+async def test_tls_hang_reads_and_never_answers_and_close_aborts(pki):
+    up = await FaultServer("hang", ssl=server_context(pki.good)).start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", up.port, ssl=client_context(pki.ca),
+                                                   server_hostname="localhost")
+    writer.write(GET)
+    await up.wait_requests(1, timeout=2)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(reader.read(1), 0.2)
+    # a second client that never starts its handshake is aborted by close() as well
+    _, idle_writer = await asyncio.open_connection("127.0.0.1", up.port)
+    async with asyncio.timeout(2):
+        while len(up._conns) < 2:
+            await asyncio.sleep(0.01)
+    await up.close()
+    assert up._conns == set()
+    try:
+        assert await asyncio.wait_for(reader.read(-1), 2) == b""
+    except (ConnectionResetError, ssl.SSLError):
+        pass   # abort() may reset: either way the connection is gone
+    writer.close()
+    idle_writer.close()
+
+
+async def test_tls_client_certificate_required_sends_alert_116(pki):
+    """TLS 1.3: the client's handshake completes first; the server's alert 116
+    (certificate_required) arrives on the client's first read."""
+    ctx = server_context(pki.good, require_client_cert=True, ca=pki.ca)
+    async with FaultServer(ssl=ctx) as up:
+        reader, writer = await asyncio.open_connection("127.0.0.1", up.port, ssl=client_context(pki.ca),
+                                                       server_hostname="localhost")
+        writer.write(GET)
+        with pytest.raises(ssl.SSLError) as err:
+            await asyncio.wait_for(reader.read(-1), 2)
+        assert err.value.reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+        writer.close()
+        assert up.connections_accepted == 0 and up.requests_seen == 0
+        assert up.tls_handshake_failures == 1 and up.last_tls_error == "PEER_DID_NOT_RETURN_A_CERTIFICATE"
+
+
+async def test_tls_version_mismatch_sends_alert_70(pki):
+    ctx = server_context(pki.good, minimum_version=ssl.TLSVersion.TLSv1_3)
+    client = client_context(pki.ca)
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    async with FaultServer(ssl=ctx) as up:
+        with pytest.raises(ssl.SSLError) as err:
+            await asyncio.wait_for(asyncio.open_connection("127.0.0.1", up.port, ssl=client,
+                                                           server_hostname="localhost"), 2)
+        assert err.value.reason == "TLSV1_ALERT_PROTOCOL_VERSION"
+        assert up.tls_handshake_failures == 1 and up.last_tls_error == "UNSUPPORTED_PROTOCOL"
+
+
+async def test_tls_server_gives_plaintext_clients_no_http(pki):
+    """Plain HTTP to a TLS port: the handshake fails; no HTTP answer, connection closed."""
+    async with FaultServer(ssl=server_context(pki.good)) as up:
+        raw = await raw_exchange(up)
+        assert not raw.startswith(b"HTTP/")
+        async with asyncio.timeout(2):
+            while up.tls_handshake_failures < 1:
+                await asyncio.sleep(0.01)
+        assert up.connections_accepted == 0 and up.requests_seen == 0
+
+
+async def test_tls_client_rejecting_the_certificate_is_a_failed_handshake(pki):
+    async with FaultServer(ssl=server_context(pki.self_signed)) as up:
+        with pytest.raises(ssl.SSLCertVerificationError, match="self-signed"):
+            await asyncio.wait_for(asyncio.open_connection("127.0.0.1", up.port, ssl=client_context(pki.ca),
+                                                           server_hostname="localhost"), 2)
+        async with asyncio.timeout(2):
+            while up.tls_handshake_failures < 1:
+                await asyncio.sleep(0.01)
+        assert up.connections_accepted == 0
+
+
+async def test_tls_modes_without_a_listener_still_say_https(pki):
+    async with FaultServer("refuse", ssl=server_context(pki.good)) as up:
+        assert up.url == f"https://127.0.0.1:{up.port}"
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", up.port)
+
+
+def test_tls_mode_with_ssl_is_rejected(pki):
+    with pytest.raises(ValueError, match="already speaks TLS"):
+        FaultServer("tls", ssl=server_context(pki.good))
+

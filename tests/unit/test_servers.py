@@ -116,7 +116,8 @@ def test_latency_window_and_snapshot_shape():
     assert snap["latency_ms"] == {"p50": 50.0, "p99": 99.0}
     assert snap["idle_connections"] == 2 and snap["state"] == "unknown"
     assert set(snap) == {"url", "weight", "backup", "state", "health", "active_requests", "idle_connections",
-                         "requests_total", "failures_total", "failures_by_error", "last_failure", "latency_ms"}
+                         "requests_total", "failures_total", "failures_by_error", "last_failure", "latency_ms",
+                         "endpoints"}
     assert s.metrics()["responses_by_class"]["2xx"] == 100
     assert s.metrics()["latency"]["count"] == 100
 

@@ -1,0 +1,73 @@
+"""TLS to https:// upstreams: client contexts, and what a TLS failure means.
+
+Contexts verify by default (system CAs, hostname = the URL host or `sni`); per server
+`ca_file` replaces the trust store and `tls_verify = false` turns checking off (tests
+only). One context per server, built at load time.
+
+`translate` turns an ssl exception into exactly one cause, using the exception's own
+fields (verify_code, reason), never its message text:
+- certificate verification  -> tls_certificate_error, saying what was wrong
+- a fatal alert from the peer -> tls_alert_received with alert-id and alert-message
+- anything else in the handshake (the port speaks plain HTTP, the peer hung up)
+                             -> tls_protocol_error
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from proxy.errors import ProxyError, TlsAlertReceived, TlsCertificateError, TlsProtocolError
+
+# OpenSSL X509_V_ERR_* codes worth naming (openssl/x509_vfy.h).
+_VERIFY = {
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate",
+    19: "self-signed certificate in the chain",
+    20: "unknown CA: unable to get the issuer's certificate",
+    21: "unknown CA: unable to verify the first certificate",
+    62: "hostname mismatch",
+}
+
+# TLS alert descriptions (RFC 8446 §6, RFC 5246 §7.2), by OpenSSL's reason suffix.
+_ALERTS = {
+    "CLOSE_NOTIFY": 0, "UNEXPECTED_MESSAGE": 10, "BAD_RECORD_MAC": 20, "RECORD_OVERFLOW": 22,
+    "HANDSHAKE_FAILURE": 40, "BAD_CERTIFICATE": 42, "UNSUPPORTED_CERTIFICATE": 43,
+    "CERTIFICATE_REVOKED": 44, "CERTIFICATE_EXPIRED": 45, "CERTIFICATE_UNKNOWN": 46,
+    "ILLEGAL_PARAMETER": 47, "UNKNOWN_CA": 48, "ACCESS_DENIED": 49, "DECODE_ERROR": 50,
+    "DECRYPT_ERROR": 51, "PROTOCOL_VERSION": 70, "INSUFFICIENT_SECURITY": 71, "INTERNAL_ERROR": 80,
+    "INAPPROPRIATE_FALLBACK": 86, "USER_CANCELLED": 90, "MISSING_EXTENSION": 109,
+    "UNSUPPORTED_EXTENSION": 110, "UNRECOGNIZED_NAME": 112, "BAD_CERTIFICATE_STATUS_RESPONSE": 113,
+    "UNKNOWN_PSK_IDENTITY": 115, "CERTIFICATE_REQUIRED": 116, "NO_APPLICATION_PROTOCOL": 120,
+}
+_ALERT_PREFIXES = ("TLSV13_ALERT_", "TLSV1_ALERT_", "SSLV3_ALERT_")
+
+
+def client_context(*, verify: bool = True, ca_file: str | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=ca_file)
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def translate(exc: ssl.SSLError | OSError, *, upstream: str, server_name: str) -> ProxyError:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        what = _VERIFY.get(exc.verify_code, exc.verify_message or "verification failed")
+        if exc.verify_code == 62:
+            what = f"hostname mismatch: the certificate is not valid for {server_name}"
+        return TlsCertificateError(f"certificate rejected: {what}", upstream=upstream)
+    reason = getattr(exc, "reason", None) or ""
+    for prefix in _ALERT_PREFIXES:
+        if reason.startswith(prefix):
+            name = reason[len(prefix):]
+            message = name.lower().replace("_", " ")
+            return TlsAlertReceived(f"the upstream sent TLS alert {message!r}", upstream=upstream,
+                                    alert_id=_ALERTS.get(name), alert_message=message)
+    if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE"):
+        return TlsProtocolError("the answer to our TLS handshake is not TLS: the upstream speaks "
+                                "plain HTTP on this port? use http://", upstream=upstream)
+    if isinstance(exc, (ssl.SSLEOFError, ConnectionResetError)):
+        return TlsProtocolError("the upstream closed the connection during the TLS handshake",
+                                upstream=upstream)
+    return TlsProtocolError(f"TLS handshake failed: {reason or exc}", upstream=upstream)
