@@ -348,7 +348,10 @@ class _Probe:
         if not local:
             return observed, cause + " (or a firewall rejects the connection)", step, None
         listeners = await asyncio.to_thread(_ports.listening_ports)
-        candidates = sorted({p for ip in local for p in _ports.reachable_on(ip, listeners)} - {self.port})
+        # never suggest gatewise itself: a proxy pointed at its own port loops
+        own = {getattr(getattr(self.cfg, section, None), "port", 0) for section in ("listen", "admin")}
+        candidates = sorted({p for ip in local for p in _ports.reachable_on(ip, listeners)}
+                            - {self.port} - own)
         where = _hostport(local[0], self.port)
         if not candidates:
             return (f"{observed}: nothing listens on {where}, and no other TCP port listens on "
@@ -362,7 +365,9 @@ class _Probe:
         more = f" (and {len(nearest) - len(shown)} more)" if len(nearest) > len(shown) else ""
         listening = ", ".join(map(str, shown)) + more
         observed = f"{observed}: nothing listens on {where}; something listens on {listening}"
-        how = f" and answers {'HTTP' if scheme == 'http' else 'TLS'}" if speaking else ""
+        how = (f" and answers {'HTTP' if scheme == 'http' else 'TLS'}" if speaking
+               else f"; it did not answer {'TLS' if self.scheme == 'https' else 'HTTP'} within "
+                    f"{_s(CANDIDATE_TIMEOUT)}, so it may be something else")
         cause = (f"nothing listens on {where}: the service is down, or it runs on another port "
                  f"({best} is the nearest that listens{how})")
         step = (f"start the service on port {self.port}, or point the config at the port it uses "
@@ -581,7 +586,7 @@ class _Probe:
                              f"{_ms(elapsed)}")
             return
         m = _STATUS.match(data)
-        if not data.startswith(b"HTTP/") or (m is None and b"\r\n" in data[:64]):
+        if not data.startswith(b"HTTP/") or (m is None and (b"\r\n" in data[:64] or b"\r\n\r\n" in data)):
             self.add("error", "http", "http_protocol_error",
                      f"{target}: the answer is not HTTP/1.1: first bytes {data[:24]!r}",
                      "this port runs another protocol (a database, SSH, gRPC/HTTP2-only, ...)",

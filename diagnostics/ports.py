@@ -46,7 +46,10 @@ def _address(hex_addr: str) -> tuple[str, int] | None:
     raw = b"".join(struct.pack("=I", w) for w in words)   # host byte order, as the kernel printed it
     if len(raw) == 4:
         return str(ipaddress.IPv4Address(raw)), 4
-    return str(ipaddress.IPv6Address(raw)), 6
+    v6 = ipaddress.IPv6Address(raw)
+    if v6.ipv4_mapped is not None:   # one spelling on every Python: "::ffff:127.0.0.1"
+        return f"::ffff:{v6.ipv4_mapped}", 6
+    return str(v6), 6
 
 
 def parse_proc_net_tcp(text: str) -> list[Listener]:

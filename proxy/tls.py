@@ -37,9 +37,12 @@ _ALERTS = {
     "ILLEGAL_PARAMETER": 47, "UNKNOWN_CA": 48, "ACCESS_DENIED": 49, "DECODE_ERROR": 50,
     "DECRYPT_ERROR": 51, "PROTOCOL_VERSION": 70, "INSUFFICIENT_SECURITY": 71, "INTERNAL_ERROR": 80,
     "INAPPROPRIATE_FALLBACK": 86, "USER_CANCELLED": 90, "MISSING_EXTENSION": 109,
-    "UNSUPPORTED_EXTENSION": 110, "UNRECOGNIZED_NAME": 112, "BAD_CERTIFICATE_STATUS_RESPONSE": 113,
+    "UNSUPPORTED_EXTENSION": 110, "CERTIFICATE_UNOBTAINABLE": 111, "UNRECOGNIZED_NAME": 112,
+    "BAD_CERTIFICATE_STATUS_RESPONSE": 113, "BAD_CERTIFICATE_HASH_VALUE": 114,
     "UNKNOWN_PSK_IDENTITY": 115, "CERTIFICATE_REQUIRED": 116, "NO_APPLICATION_PROTOCOL": 120,
 }
+# OpenSSL names most received alerts <VERSION>_ALERT_<NAME>, but alerts 110-114 plain
+# TLSV1_<NAME>; the second form counts only when <NAME> is a known alert.
 _ALERT_PREFIXES = ("TLSV13_ALERT_", "TLSV1_ALERT_", "SSLV3_ALERT_")
 
 
@@ -58,12 +61,18 @@ def translate(exc: ssl.SSLError | OSError, *, upstream: str, server_name: str) -
             what = f"hostname mismatch: the certificate is not valid for {server_name}"
         return TlsCertificateError(f"certificate rejected: {what}", upstream=upstream)
     reason = getattr(exc, "reason", None) or ""
+    name = None
     for prefix in _ALERT_PREFIXES:
         if reason.startswith(prefix):
             name = reason[len(prefix):]
-            message = name.lower().replace("_", " ")
-            return TlsAlertReceived(f"the upstream sent TLS alert {message!r}", upstream=upstream,
-                                    alert_id=_ALERTS.get(name), alert_message=message)
+            break
+    else:
+        if reason.startswith("TLSV1_") and reason[6:] in _ALERTS:
+            name = reason[6:]
+    if name is not None:
+        message = name.lower().replace("_", " ")
+        return TlsAlertReceived(f"the upstream sent TLS alert {message!r}", upstream=upstream,
+                                alert_id=_ALERTS.get(name), alert_message=message)
     if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE"):
         return TlsProtocolError("the answer to our TLS handshake is not TLS: the upstream speaks "
                                 "plain HTTP on this port? use http://", upstream=upstream)

@@ -133,7 +133,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.bytes_seen = True
             if looks_like_tls(data):
                 self.fail(UpstreamProtocolError(
-                    "response is a TLS record, not HTTP: upstream speaks TLS? use https://",
+                    "response is a TLS record, not HTTP: upstream speaks TLS; use https://",
                     upstream=self.server.address))
                 return
         try:

@@ -155,10 +155,6 @@ async def test_client_certificate_required_is_alert_116(upstream, gateway, pki):
     assert up.requests_seen == 0 and up.tls_handshake_failures == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: proxy/tls.py translate() only knows reasons prefixed "
-                   "TLSV13_ALERT_/TLSV1_ALERT_/SSLV3_ALERT_; OpenSSL names alerts 110-114 TLSV1_UNRECOGNIZED_NAME "
-                   "etc. (no ALERT_), so a received alert 112 becomes tls_protocol_error 'TLS handshake failed' "
-                   "with the plain-HTTP hint")
 async def test_alert_during_the_handshake_is_named(upstream, gateway, pki):
     """An SNI the server does not serve: fatal alert 112 unrecognized_name during the handshake."""
     ctx = server_context(pki.good)

@@ -222,16 +222,17 @@ def test_render_text_plain_is_aligned_and_has_every_part():
     text = render_text(REPORT, color=False)
     assert "\x1b" not in text
     lines = text.splitlines()
-    rows = [line for line in lines if re.match(r"  (ok|WARN|ERROR)\s", line)]
+    split = lines.index("config")
+    row = re.compile(r"  (ok|WARN|ERROR)\s")
     # severity, check/key and message start in the same columns on every finding row
-    server_rows = [r for r in rows if "pools." not in r and "timeouts." not in r]
-    assert len(server_rows) == 4
-    assert len({r.index(r.split()[1]) for r in server_rows}) == 1
-    assert len({r.index(r.split()[2]) for r in server_rows}) == 1
-    config_rows = [r for r in rows if r not in server_rows]
-    assert len({r.index(r.split()[2]) for r in config_rows}) == 1
+    server_rows = [line for line in lines[:split] if row.match(line)]
+    config_rows = [line for line in lines[split:] if row.match(line)]
+    assert len(server_rows) == 4 and len(config_rows) == 2
+    cols = re.compile(r"  (\S+)\s+(\S+)\s+(\S)")
+    assert len({(cols.match(r).start(2), cols.match(r).start(3)) for r in server_rows}) == 1
+    assert len({(cols.match(r).start(2), cols.match(r).start(3)) for r in config_rows}) == 1
     for needle in ("http://127.0.0.1:9002", "FAILED", "[connection_refused]", "cause:", "next:",
-                   "try:   http://127.0.0.1:9001", "pools.app.retries", "1 error", "problems found (exit 1)"):
+                   "try:   http://127.0.0.1:9001", "pools.app.retries", "2 errors, 2 warnings", "problems found (exit 1)"):
         assert needle in text, needle
     # continuation lines (cause/next/try) line up under the observed text
     refused = next(r for r in server_rows if "ECONNREFUSED" in r)
@@ -287,20 +288,28 @@ async def test_dns_timeout_is_bounded_by_timeouts_connect():
 
 
 async def test_resolved_name_is_used_and_reported():
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        port = listener.getsockname()[1]
-        asked = []
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        writer.close()
 
-        async def hosts_file(host, port):
-            asked.append((host, port))
-            return ["127.0.0.1"]
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    asked = []
 
+    async def hosts_file(host, port):
+        asked.append((host, port))
+        return ["127.0.0.1"]
+
+    try:
         report = await run_doctor(named("app.internal", port), resolver=hosts_file)
+    finally:
+        server.close()
+        await server.wait_closed()
     assert asked == [("app.internal", port)]
     checks = [(f["check"], f["severity"]) for f in report["servers"][0]["findings"]]
-    assert checks[:2] == [("resolve", "info"), ("connect", "info")]
+    assert checks == [("resolve", "info"), ("connect", "info"), ("http", "info")]
+    assert report["servers"][0]["ok"] is True
     assert "app.internal -> 127.0.0.1" in report["servers"][0]["findings"][0]["observed"]
 
 
