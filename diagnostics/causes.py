@@ -44,6 +44,7 @@ class Cause(StrEnum):
     # gatewise answered without (or before) choosing an upstream
     NO_ROUTE = "no_route"
     NO_SERVER_AVAILABLE = "no_server_available"
+    CONNECTION_LIMIT = "connection_limit"
     LOOP_DETECTED = "loop_detected"
     CONFIGURATION_ERROR = "configuration_error"
     # the client's request was unacceptable
@@ -96,6 +97,8 @@ INFO: dict[Cause, CauseInfo] = {
                                  "upstream cut the response body short"),
     Cause.NO_ROUTE: _(404, "destination_not_found", False, False, "no route matches the request"),
     Cause.NO_SERVER_AVAILABLE: _(503, "destination_unavailable", False, False, "no server available"),
+    Cause.CONNECTION_LIMIT: _(503, "connection_limit_reached", False, False,
+                              "the pool's connection limit is reached"),
     Cause.LOOP_DETECTED: _(502, "proxy_loop_detected", False, False, "request looped back to this proxy"),
     Cause.CONFIGURATION_ERROR: _(500, "proxy_configuration_error", False, False,
                                  "the route leads nowhere usable"),

@@ -239,6 +239,14 @@ HINTS: dict[str, tuple[str | tuple[str, ...], ...]] = {
         "`expect_status`?), the `server_state` lines in the log and `/debug/upstreams` on the "
         "admin listener.",
     ),
+    "connection_limit": (
+        ("The requests in flight to pool {pool} reached its `max_connections`.",
+         "The requests in flight to the pool reached its `max_connections`."),
+        ("Raise `pools.{pool}.max_connections` if the servers can take more,",
+         "Raise the pool's `max_connections` if the servers can take more,"),
+        "add servers, or find out why responses are slow to finish (`/debug/upstreams` shows "
+        "active requests and latency).",
+    ),
     "loop_detected": (
         "The request came back to this proxy: Via already names {proxy_name}.",
         "An upstream `url` probably points at this proxy's own listen address, or two proxies "

@@ -130,6 +130,9 @@ class PoolConfig:
     balance: str = "weighted_round_robin"
     retries: int = 2
     retry_non_idempotent: bool = False
+    # Requests in flight to the pool's servers at once; 0 = unlimited (nginx max_conns,
+    # HAProxy maxconn). Over it: 503 connection_limit_reached, never a queue.
+    max_connections: int = 0
     health: HealthConfig | None = None
     # Passive ejection is on unless disabled, like nginx (max_fails=1 fail_timeout=10s by
     # default): live traffic is the fastest health signal there is.
@@ -257,7 +260,8 @@ _RULES: dict[type, dict[str, Rule]] = {
                    "rise": _at_least(1), "fall": _at_least(1),
                    "expect_status": ("str", _status_range, 'must be a status or range like "200-399"')},
     PassiveConfig: {"max_fails": _at_least(0), "fail_window": POSITIVE, "eject_for": POSITIVE},
-    PoolConfig: {"balance": _one_of(BALANCE), "retries": _at_least(0), "retry_non_idempotent": BOOL},
+    PoolConfig: {"balance": _one_of(BALANCE), "retries": _at_least(0), "retry_non_idempotent": BOOL,
+                 "max_connections": _at_least(0)},
     ServerConfig: {"weight": _at_least(1), "backup": BOOL, "tls_verify": BOOL,
                    "sni": ("str", lambda v: _NAME.fullmatch(v.lower()), "must be a host name")},
     RouteConfig: {"host": ("str", _route_host_ok, 'must be "*", a host without port, or "*.example.com"'),
@@ -391,8 +395,11 @@ class _Loader:
                 self.problem(f"{key}.url", f"same server as {self.labels.get(seen[ident], seen[ident])}")
             seen.setdefault(ident, f"{key}.url")
             servers.append(server)
-        if not raw:
-            self.problem(f"{where}.servers", "at least one server is required")
+        if "servers" not in table:
+            # `servers = []` is allowed on purpose (a pool emptied for maintenance): its
+            # routes answer 500 proxy_configuration_error, as SPEC says.
+            self.problem(f"{where}.servers", "at least one server is required (or `servers = []` for an "
+                                             "intentionally empty pool)")
         elif servers and len(servers) == len(raw) and all(s.backup for s in servers):
             self.problem(f"{where}.servers", "every server is a backup; at least one must be primary")
         return PoolConfig(name=name, servers=tuple(servers), **kwargs)

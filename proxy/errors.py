@@ -155,6 +155,10 @@ class NoServerAvailable(Refused):
     cause = Cause.NO_SERVER_AVAILABLE
 
 
+class ConnectionLimitReached(Refused):
+    cause = Cause.CONNECTION_LIMIT
+
+
 class LoopDetected(Refused):
     cause = Cause.LOOP_DETECTED
 

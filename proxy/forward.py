@@ -25,8 +25,9 @@ from time import perf_counter
 from diagnostics.causes import INFO
 from diagnostics.classify import classify
 from proxy import headers as H
-from proxy.errors import (AwaitingHead, BadRequest, ClientDisconnected, ConnectionTerminated,
-                          LoopDetected, NoRoute, NoServerAvailable, ProxyError)
+from proxy.errors import (AwaitingHead, BadRequest, ClientDisconnected, ConfigurationError,
+                          ConnectionLimitReached, ConnectionTerminated, LoopDetected, NoRoute,
+                          NoServerAvailable, ProxyError)
 from proxy.logs import log_event
 from proxy.router import split_target, rewrite_target
 
@@ -90,9 +91,23 @@ async def _forward(proxy, ex, loop) -> None:
                       f"path {path[:200].decode('latin-1')!r}")
     pool = proxy.pools[route.pool]
     ex.pool = pool
+    if not pool.servers:
+        raise ConfigurationError(f"pool {pool.name!r} has no servers (servers = [] in the config)")
+    limit = pool.max_connections
+    if limit and pool.in_flight >= limit:
+        raise ConnectionLimitReached(f"{pool.in_flight} requests in flight to pool {pool.name!r} "
+                                     f"(pools.{pool.name}.max_connections = {limit})")
     ex.target = rewrite_target(route, path)
     head_bytes = H.build_request_head(ex.head, info, target=ex.target, client_ip=ex.client.client_ip,
                                       proto=b"http", via=proxy.via)
+    pool.in_flight += 1
+    try:
+        await _attempts(proxy, pool, ex, head_bytes, loop)
+    finally:
+        pool.in_flight -= 1
+
+
+async def _attempts(proxy, pool, ex, head_bytes: bytes, loop) -> None:
     tried: list = []
     allowed = 1 + pool.retries
     last: ProxyError | None = None

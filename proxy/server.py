@@ -40,7 +40,7 @@ from proxy.upstream_conn import UpstreamConnection, connect
 
 class PoolRuntime:
     __slots__ = ("name", "cfg", "servers", "balancer", "retries", "retry_non_idempotent", "idle",
-                 "request_latency", "tls")
+                 "request_latency", "tls", "max_connections", "in_flight")
 
     def __init__(self, cfg) -> None:
         self.name = cfg.name
@@ -56,6 +56,8 @@ class PoolRuntime:
         self.balancer = make_balancer(cfg.balance, self.servers)
         self.retries = cfg.retries
         self.retry_non_idempotent = cfg.retry_non_idempotent
+        self.max_connections = cfg.max_connections
+        self.in_flight = 0  # requests of this pool holding an upstream connection now
         self.idle = {s: IdlePool() for s in self.servers}
         self.request_latency = Histogram()  # seconds, client view, for /metrics
         # https:// servers: (context, name to send as SNI and verify), built once

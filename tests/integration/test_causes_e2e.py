@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from tests.conftest import Client, http, raw_exchange
+from tests.rawclient import eventually
 
 T_CONNECT = 0.3
 T_HEAD = 0.4
@@ -162,3 +163,70 @@ async def test_keepalive_client_survives_error(upstream, gateway):
     finally:
         client.close()
     assert r1.status == 502 and r2.status == 200
+
+
+# -- the rest of SPEC's error table ---------------------------------------------------------
+async def test_unroutable_destination(parser):
+    """destination_ip_unroutable from a real ENETUNREACH: the proxy runs in a fresh network
+    namespace where only loopback exists, so nothing can leave this machine."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not shutil.which("unshare") or not shutil.which("ip"):
+        pytest.skip("needs unshare (util-linux) and ip (iproute2)")
+    root = Path(__file__).resolve().parents[2]
+    probe = subprocess.run(["unshare", "-rn", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unprivileged network namespaces unavailable: {probe.stderr.decode().strip()}")
+    run = subprocess.run(["unshare", "-rn", "sh", "-c",
+                          f"ip link set lo up && exec {sys.executable} tests/netns_unroutable.py {parser}"],
+                         cwd=root, capture_output=True, timeout=60)
+    assert run.returncode == 0, run.stderr.decode()
+    result = json.loads(run.stdout.decode().strip().splitlines()[-1])
+    assert result["status"] == 502
+    (member,) = result["proxy_status"]
+    assert "error=destination_ip_unroutable" in member and 'next-hop="192.0.2.1:80"' in member
+    assert "ENETUNREACH" in member
+
+
+async def test_pool_without_servers_is_a_configuration_error(gateway):
+    raw = {"pools": {"empty": {"servers": []}}, "routes": [{"pool": "empty"}]}
+    gw = await gateway(None, raw=raw)
+    reply = await http(gw.port)
+    assert reply.status == 500
+    assert reply.our_status()["error"] == "proxy_configuration_error"
+    assert "has no servers" in reply.our_status()["details"]
+
+
+async def test_pool_connection_cap_is_503_connection_limit_reached(upstream, gateway):
+    up = await upstream("slow:1.0")
+    gw = await gateway([up], pool={"max_connections": 1})
+    first = asyncio.ensure_future(http(gw.port))
+    await eventually(lambda: gw.proxy.pools["app"].in_flight == 1, "the first request is in flight")
+    second = await http(gw.port)
+    assert second.status == 503
+    assert second.our_status()["error"] == "connection_limit_reached"
+    assert "max_connections = 1" in second.our_status()["details"]
+    assert (await first).status == 200
+
+
+async def test_a_bug_in_gatewise_is_500_proxy_internal_error(upstream, gateway, monkeypatch, capfd):
+    """proxy_internal_error, from a bug injected into our own code (nothing else can make
+    one on purpose); the log line carries the traceback."""
+    from proxy import headers
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected bug")
+
+    up = await upstream("ok")
+    gw = await gateway([up])
+    monkeypatch.setattr(headers, "build_request_head", broken)
+    reply = await http(gw.port)
+    assert reply.status == 500
+    assert reply.our_status()["error"] == "proxy_internal_error"
+    assert "RuntimeError" in reply.our_status()["details"]
+    assert "injected bug" in capfd.readouterr().err
+    assert up.requests_seen == 0

@@ -289,14 +289,21 @@ def test_same_address_different_scheme_or_default_port_spelling():
 
 
 def test_pool_without_servers_and_pool_of_only_backups():
+    """`servers = []` is an intentionally empty pool (its routes answer 500
+    proxy_configuration_error); a pool that forgets `servers` is a problem."""
     data = {"pools": {"a": {"servers": []}, "b": {},
                       "c": {"servers": [{"url": "http://127.0.0.1:1", "backup": True}]}},
             "routes": [{"pool": "a"}]}
     assert problems_of(data) == [
-        "pools.a.servers: at least one server is required",
-        "pools.b.servers: at least one server is required",
+        "pools.b.servers: at least one server is required (or `servers = []` for an intentionally empty pool)",
         "pools.c.servers: every server is a backup; at least one must be primary",
     ]
+
+
+def test_max_connections():
+    data = base()
+    data["pools"]["app"]["max_connections"] = -1
+    assert only_problem(data).startswith("pools.app.max_connections: must be an integer >= 0")
 
 
 def test_no_pools_at_all():
@@ -328,7 +335,7 @@ def test_many_problems_are_collected_not_just_the_first():
             "app": {"retires": 3, "balance": "fastest",
                     "servers": [{"url": "http://127.0.0.1:9001", "weight": 0},
                                 {"url": "ftp://x"}, {"url": "http://127.0.0.1:9001"}]},
-            "api": {"servers": []},
+            "api": {},
         },
         "routes": [{"pool": "nope", "path_prefix": "api"}],
     }
@@ -342,7 +349,7 @@ def test_many_problems_are_collected_not_just_the_first():
         "pools.app.servers[0].weight: must be an integer >= 1",
         "pools.app.servers[1].url: scheme must be http or https",
         "pools.app.servers[2].url: same server as pools.app.servers[0].url",
-        "pools.api.servers: at least one server is required",
+        "pools.api.servers: at least one server is required (or `servers = []` for an intentionally empty pool)",
         'routes[0].path_prefix: must be a path starting with "/"',
         'routes[0].pool: no pool named "nope"',
     ]

@@ -43,6 +43,7 @@ EXPECTED: dict[str, list[str]] = {
     "response_incomplete": ["07:49:32 UTC", "Content-Length"],
     "no_route": ["/v1/users", "[[routes]]"],
     "no_server_available": ["pool api", FULL.reasons],
+    "connection_limit": ["pool api", "`max_connections`"],
     "loop_detected": ["Via already names edge-1", "`proxy_name`"],
     "configuration_error": ["/v1/users", "pool api"],
     "bad_request": ["details"],
