@@ -720,6 +720,11 @@ def config_smells(cfg: Any, latencies: dict[tuple[str, str], float] | None = Non
     for name, pool in cfg.pools.items():
         servers = list(pool.servers)
         where = f"pools.{name}"
+        if not servers:
+            smell("error", f"{where}.servers",
+                  "the pool is empty (servers = []): every request routed to it gets 500 "
+                  "proxy_configuration_error; add a server, or route elsewhere")
+            continue
         retries = int(getattr(pool, "retries", 0) or 0)
         if len(servers) == 1 and retries > 0:
             smell("warning", f"{where}.retries",

@@ -321,3 +321,12 @@ async def test_clock_is_injectable():
 
     report = await run_doctor(named(), resolver=nxdomain, now=lambda: next(ticks))
     assert report["servers"][0]["findings"][0]["observed"].endswith("after 5.00 s")
+
+
+def test_an_empty_pool_is_an_error_smell():
+    from proxy.config import parse_config
+    from diagnostics.doctor import config_smells
+
+    cfg = parse_config({"pools": {"empty": {"servers": []}}, "routes": [{"pool": "empty"}]})
+    (smell,) = [s for s in config_smells(cfg) if s["key"] == "pools.empty.servers"]
+    assert smell["severity"] == "error" and "proxy_configuration_error" in smell["message"]
