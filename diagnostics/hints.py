@@ -89,12 +89,6 @@ HINTS: dict[str, tuple[str | tuple[str, ...], ...]] = {
         "Check routing, interfaces and VPN",
         ("(`ip route get {host}`).", "(`ip route`)."),
     ),
-    # until dns_error exists, a name that does not resolve is reported as unroutable
-    "destination_unroutable:dns": (
-        ("The name {host} does not resolve.", "The server's name does not resolve."),
-        "Check its spelling in `url`, /etc/hosts and the resolver",
-        ("(`getent hosts {host}`).", "(`getent hosts NAME`)."),
-    ),
     "local_connect_error": (
         ("This machine could not open a connection to {server}: a local resource ran out.",
          "This machine could not open a connection: a local resource ran out."),
@@ -303,7 +297,6 @@ _VARIANTS: tuple[tuple[str, re.Pattern[str], str], ...] = tuple(
     (cause, re.compile(pattern, re.IGNORECASE), key)
     for cause, pattern, key in (
         ("upstream_protocol_error", r"\btls\b|https://", "upstream_protocol_error:tls"),
-        ("destination_unroutable", r"resolve", "destination_unroutable:dns"),
         ("tls_certificate", r"expired|not yet valid", "tls_certificate:expired"),
         ("tls_certificate", r"self[- ]signed", "tls_certificate:self_signed"),
         ("tls_certificate", r"mismatch|not valid for|doesn't match|does not match",

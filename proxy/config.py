@@ -217,6 +217,17 @@ def _valid_host(host: str) -> bool:
     return bool(_NAME.fullmatch(host))
 
 
+def _unusable_ca(path: str) -> str | None:
+    """Why a CA bundle cannot be loaded, or None (reading it has no side effect)."""
+    import ssl
+
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        return f"not a usable PEM certificate bundle: {exc}"
+    return None
+
+
 def parse_address(text: str) -> tuple[str, int]:
     """"host:port" or "[v6]:port" -> (host, port); port 0 allowed (bind any free port)."""
     if not isinstance(text, str):
@@ -362,6 +373,8 @@ class _Loader:
             path = os.path.join(base, value) if isinstance(value, str) and value else None
             if path and os.path.isfile(path):
                 kwargs["ca_file"] = os.path.normpath(path)
+                if why := _unusable_ca(path):  # found at load time, never as a failed start
+                    self.problem(f"{where}.ca_file", why)
             else:
                 self.problem(f"{where}.ca_file", f"must name an existing file, got {_show(value)}")
         return ServerConfig(url=table["url"], **parts, **kwargs) if parts else None

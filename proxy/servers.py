@@ -146,8 +146,9 @@ class ServerState:
     def next_endpoint(self, addresses: list[str]) -> str:
         """Record the current resolution and pick the next address, round robin."""
         self.endpoints = addresses
-        self._endpoint = (self._endpoint + 1) % len(addresses)
-        return addresses[self._endpoint]
+        index = self._endpoint % len(addresses)
+        self._endpoint = index + 1
+        return addresses[index]
 
     # -- the balancer's question ----------------------------------------------------------
     def available(self, now: float) -> bool:

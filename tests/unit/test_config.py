@@ -149,8 +149,10 @@ def test_parse_address_rejects_with_reason(text, reason):
 
 
 def test_ca_file_is_resolved_against_the_config_file(tmp_path):
+    from tests.tlsutil import make_pki
+
     (tmp_path / "certs").mkdir()
-    (tmp_path / "certs" / "ca.pem").write_text("not checked here")
+    (tmp_path / "certs" / "ca.pem").write_bytes(make_pki(tmp_path / "pki").ca.read_bytes())
     (tmp_path / "g.toml").write_text(
         '[[pools.app.servers]]\nurl = "https://api.internal"\nca_file = "certs/ca.pem"\nsni = "API.internal"\n'
         'tls_verify = false\n')
@@ -575,3 +577,13 @@ def test_direct_construction_defaults_match_the_loader():
     pool = PoolConfig(name="app", servers=())
     assert pool.passive == PassiveConfig() and pool.health is None
     assert ProxyConfig(pools={}, routes=()).listen == parse_config(base()).listen
+
+
+def test_ca_file_that_is_not_a_certificate_bundle(tmp_path):
+    """Regression: a ca_file that exists but is not PEM passed `check`; `run` then failed
+    to start with a misleading listen_failed."""
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    data = base()
+    data["pools"]["app"]["servers"][0] = {"url": "https://localhost:9443", "ca_file": str(bad)}
+    assert only_problem(data).startswith("pools.app.servers[0].ca_file: not a usable PEM certificate bundle")

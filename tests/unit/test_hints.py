@@ -210,14 +210,12 @@ def test_certificate_hint_follows_details(details: str, says: str) -> None:
     assert_clean(hint_for("tls_certificate", HintContext(details=details)))
 
 
-def test_unresolvable_name_reported_as_unroutable_gets_dns_advice() -> None:
-    ctx = HintContext(server="backend.internal:8080",
-                      details="cannot resolve backend.internal: Name or service not known")
-    text = hint_for("destination_unroutable", ctx)
-    assert "The name backend.internal does not resolve" in text
-    assert "/etc/hosts" in text and "`getent hosts backend.internal`" in text
+def test_unroutable_gets_routing_advice() -> None:
+    """Names that do not resolve are dns_error now; unroutable is about routes only."""
     assert "ip route" in hint_for("destination_unroutable",
                                   HintContext(server="10.0.0.9:80", details="EHOSTUNREACH"))
+    text = hint_for("dns_error", HintContext(server="backend.internal:8080"))
+    assert "backend.internal" in text and "/etc/hosts" in text
 
 
 def test_dns_hints_name_the_host() -> None:

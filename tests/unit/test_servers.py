@@ -146,3 +146,9 @@ def test_failures_make_a_server_expensive_for_p2c():
     s.on_success(200, 0.001)
     s.on_failure("connection_refused", "x", 0)
     assert s.latency.ewma_ms >= 1000.0
+
+
+def test_endpoints_rotate_from_the_first():
+    s = server()
+    assert [s.next_endpoint(["a", "b"]) for _ in range(3)] == ["a", "b", "a"]
+    assert s.next_endpoint(["c"]) == "c"
