@@ -230,3 +230,25 @@ async def test_a_bug_in_gatewise_is_500_proxy_internal_error(upstream, gateway, 
     assert "RuntimeError" in reply.our_status()["details"]
     assert "injected bug" in capfd.readouterr().err
     assert up.requests_seen == 0
+
+
+async def test_upstream_that_stops_reading_the_body_is_a_write_timeout(upstream, gateway):
+    """connection_write_timeout: the upstream reads the request body at 1 kB/s, so our
+    buffer to it stays full for timeouts.idle_read; the client is never blamed."""
+    from tests.rawclient import Raw
+
+    up = await upstream("ok", read_rate=1000)
+    gw = await gateway([up], pool={"retries": 0}, timeouts={"idle_read": 0.4})
+    client = await Raw.open(gw.port)
+    body = b"x" * (8 * 1024 * 1024)
+    try:
+        await client.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body))
+        sender = asyncio.ensure_future(client.send(body))  # blocks once every buffer is full
+        await eventually(lambda: gw.proxy.recorder.recent(), "the failure is recorded", timeout=5)
+        sender.cancel()
+    finally:
+        client.close()
+    entry = gw.proxy.recorder.recent()[0]
+    assert entry["error"] == "connection_write_timeout" and entry["status"] == 504
+    assert "timeouts.idle_read" in entry["details"]
+    assert [a["error"] for a in entry["attempts"]] == ["connection_write_timeout"]
