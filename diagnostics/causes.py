@@ -69,8 +69,10 @@ class CauseInfo:
 
 _ = CauseInfo
 INFO: dict[Cause, CauseInfo] = {
-    Cause.DNS_ERROR: _(502, "dns_error", True, True, "the upstream's name does not resolve"),
-    Cause.DNS_TIMEOUT: _(504, "dns_timeout", True, True, "resolving the upstream's name timed out"),
+    # DNS failures say nothing about the server's health: a resolver outage must not
+    # eject every named server (the 503 would then hide the real cause).
+    Cause.DNS_ERROR: _(502, "dns_error", True, False, "the upstream's name does not resolve"),
+    Cause.DNS_TIMEOUT: _(504, "dns_timeout", True, False, "resolving the upstream's name timed out"),
     Cause.TLS_CERTIFICATE: _(502, "tls_certificate_error", True, True,
                              "the upstream's TLS certificate is not trusted"),
     Cause.TLS_PROTOCOL: _(502, "tls_protocol_error", True, True, "the TLS handshake with the upstream failed"),

@@ -22,15 +22,24 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 
-from proxy.errors import DnsError, DnsTimeout
+from proxy.errors import DnsError, DnsTimeout, ProxyError
 from proxy.logs import log_event
 
 REFRESH = 30.0
+NEGATIVE = 2.0  # a failed first lookup is remembered this long: no lookup storm on a bad name
 Lookup = Callable[[str, int], Awaitable[list[str]]]
 
-_RCODES = {socket.EAI_NONAME: "NXDOMAIN", socket.EAI_AGAIN: "SERVFAIL"}
+# getaddrinfo's answer -> the DNS rcode it proves. EAI_AGAIN has none: glibc returns it
+# for SERVFAIL and for no reply at all, so no rcode is claimed (RFC 9209 §2.3.2).
+_RCODES = {socket.EAI_NONAME: "NXDOMAIN"}
 if hasattr(socket, "EAI_NODATA"):
     _RCODES[socket.EAI_NODATA] = "NOERROR"  # the name exists, with no address of this family
+
+
+def _settle(task: asyncio.Task) -> None:
+    """Mark a shared lookup's failure as seen: every waiter may have gone away."""
+    if not task.cancelled():
+        task.exception()
 
 
 def is_ip(host: str) -> bool:
@@ -46,6 +55,8 @@ class Resolver:
         self._loop = loop
         self._lookup = lookup or self._getaddrinfo
         self._cache: dict[tuple[str, int], tuple[list[str], float]] = {}
+        self._failed: dict[tuple[str, int], tuple[ProxyError, float]] = {}
+        self._pending: dict[tuple[str, int], asyncio.Future] = {}  # cold lookups in flight, shared
         self._refreshing: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Task] = set()
 
@@ -66,20 +77,41 @@ class Resolver:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             return entry[0]
-        addrs = await self._resolve(host, port, timeout, upstream)
-        self._cache[key] = (addrs, self._loop.time() + REFRESH)
-        return addrs
+        failed = self._failed.get(key)
+        if failed is not None and failed[1] > now:
+            raise failed[0]
+        # One lookup per name at a time, in its own task: every request waiting for the
+        # name shares it, and a client that goes away cancels only its own wait.
+        task = self._pending.get(key)
+        if task is None:
+            task = self._pending[key] = self._loop.create_task(self._first(key, timeout, upstream))
+            self._tasks.add(task)
+            task.add_done_callback(_settle)
+            task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
+
+    async def _first(self, key: tuple[str, int], timeout: float, upstream: str) -> list[str]:
+        try:
+            addrs = await self._resolve(key[0], key[1], timeout, upstream)
+        except (DnsError, DnsTimeout) as exc:
+            self._failed[key] = (exc, self._loop.time() + NEGATIVE)
+            raise
+        else:
+            self._cache[key] = (addrs, self._loop.time() + REFRESH)
+            self._failed.pop(key, None)
+            return addrs
+        finally:
+            self._pending.pop(key, None)
 
     async def _refresh(self, key: tuple[str, int], timeout: float, upstream: str) -> None:
+        addrs = self._cache[key][0]
         try:
             addrs = await self._resolve(key[0], key[1], timeout, upstream)
         except (DnsError, DnsTimeout) as exc:
             log_event("dns_refresh_failed", name=key[0], error=exc.cause.value, details=exc.detail,
-                      keeping=self._cache[key][0])
-            self._cache[key] = (self._cache[key][0], self._loop.time() + REFRESH)
-        else:
-            self._cache[key] = (addrs, self._loop.time() + REFRESH)
+                      keeping=addrs)
         finally:
+            self._cache[key] = (addrs, self._loop.time() + REFRESH)  # one refresh per period, always
             self._refreshing.discard(key)
 
     async def _resolve(self, host: str, port: int, timeout: float, upstream: str) -> list[str]:
@@ -92,6 +124,8 @@ class Resolver:
         except socket.gaierror as exc:
             raise DnsError(f"cannot resolve {host}: {exc.strerror}", upstream=upstream,
                            rcode=_RCODES.get(exc.errno)) from None
+        except (UnicodeError, OSError, ValueError) as exc:  # e.g. a label over 63 bytes (IDNA)
+            raise DnsError(f"cannot resolve {host}: {exc}", upstream=upstream) from None
         if not addrs:
             raise DnsError(f"{host} resolved to no address", upstream=upstream, rcode="NOERROR")
         return addrs

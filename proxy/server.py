@@ -27,7 +27,7 @@ from diagnostics.admin import admin_warning, start_admin
 from proxy.downstream import DownstreamProtocol
 from proxy.health import HealthChecker
 from proxy.inspect import ProxyView
-from proxy.errors import ProxyError
+from proxy.errors import ConnectRefused, DestinationUnroutable, ProxyError
 from proxy.headers import new_request_id, status_line
 from proxy.logs import log_event
 from proxy.pool import IdlePool, idle_expiry
@@ -95,6 +95,9 @@ class Proxy:
         self.proxy_name_b = name.lower().encode()
         self.via = b"1.1 " + name.encode()
         self.minimal = cfg.diagnostics.detail == "minimal"
+        # for hints, built once: a failure costs a lookup, not a dataclass walk
+        self._timeouts = dataclasses.asdict(cfg.timeouts)
+        self._limits = dataclasses.asdict(cfg.limits)
         self.connections: set[DownstreamProtocol] = set()
         self.generated_errors: dict[str, int] = {}  # responses gatewise made, by RFC 9209 token
         self.draining = False
@@ -119,15 +122,26 @@ class Proxy:
         this too, so a probe fails with the cause a request would."""
         loop = self.loop
         addresses = await self.resolver.addresses(server.host, server.port, timeout, upstream=server.address)
-        ip = server.next_endpoint(addresses)
+        first = server.next_endpoint(addresses)
         tls, name = pool.tls.get(server, (None, None))
         max_head = self.cfg.limits.max_response_header_bytes
 
         def factory() -> UpstreamConnection:
             return UpstreamConnection(loop, server, self.parser_kind, max_head, timeouts)
 
-        return await connect(loop, ip, server.port, timeout, factory, address=server.address,
-                             tls=tls, server_name=name)
+        # Several addresses: a fast refusal on one moves on to the next within the same
+        # attempt (the classic "localhost" = ::1 + 127.0.0.1 with a service on one only),
+        # so one dead address never ejects the whole server. A timeout does not move on:
+        # it has already spent the attempt's budget.
+        start = addresses.index(first)
+        last: ProxyError | None = None
+        for ip in addresses[start:] + addresses[:start]:
+            try:
+                return await connect(loop, ip, server.port, timeout, factory, address=server.address,
+                                     tls=tls, server_name=name)
+            except (ConnectRefused, DestinationUnroutable) as exc:
+                last = exc
+        raise last
 
     def release(self, conn: UpstreamConnection, request_complete: bool) -> None:
         """An exchange finished on conn: pool it when both sides allow, else close it."""
@@ -205,11 +219,12 @@ class Proxy:
         server = None
         if exc.upstream is not None and ex is not None and ex.pool is not None:
             server = next((s for s in ex.pool.servers if s.address == exc.upstream), None)
-        cfg = self.cfg
+        # p99 sorts the latency window: only the hint that quotes it pays for it
+        p99 = (server.latency.percentiles()["p99"]
+               if server and cause in (Cause.RESPONSE_TIMEOUT, Cause.CLIENT_DISCONNECTED) else None)
         ctx = HintContext(server=exc.upstream, host=server.host if server else None,
                           port=server.port if server else None, at=time.time(),
-                          timeouts=dataclasses.asdict(cfg.timeouts), limits=dataclasses.asdict(cfg.limits),
-                          p99_ms=server.latency.percentiles()["p99"] if server else None, details=details,
+                          timeouts=self._timeouts, limits=self._limits, p99_ms=p99, details=details,
                           pool=ex.pool.name if ex is not None and ex.pool is not None else None,
                           path=path if path != "-" else None, proxy_name=self.proxy_name,
                           reasons=details if cause is Cause.NO_SERVER_AVAILABLE else None)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import ssl
 
-from proxy.errors import ProxyError, TlsAlertReceived, TlsCertificateError, TlsProtocolError
+from proxy.errors import (ConnectionTerminated, ProxyError, TlsAlertReceived, TlsCertificateError,
+                          TlsProtocolError)
 
 # OpenSSL X509_V_ERR_* codes worth naming (openssl/x509_vfy.h).
 _VERIFY = {
@@ -54,6 +55,34 @@ def client_context(*, verify: bool = True, ca_file: str | None = None) -> ssl.SS
     return ctx
 
 
+# Alerts that refuse us as a client before any application data is accepted (TLS 1.3
+# sends them after the handshake, when our request is already on its way).
+_CLIENT_REFUSED = frozenset({"CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNSUPPORTED_CERTIFICATE",
+                             "CERTIFICATE_REVOKED", "CERTIFICATE_EXPIRED", "CERTIFICATE_UNKNOWN",
+                             "UNKNOWN_CA", "ACCESS_DENIED"})
+
+
+def translate_after_handshake(exc: ssl.SSLError, *, upstream: str, fresh: bool) -> ProxyError:
+    """A TLS error once the session was up and our request sent. Retry-safe only when
+    it is a client-refused alert on a connection that never carried a request before;
+    otherwise the request may have reached the application: connection_terminated."""
+    reason = getattr(exc, "reason", None) or ""
+    name = _alert_name(reason)
+    if fresh and name in _CLIENT_REFUSED:
+        return translate(exc, upstream=upstream, server_name="")
+    return ConnectionTerminated(f"the TLS session failed after the request was sent: "
+                                f"{name.lower() if name else reason or exc}", upstream=upstream)
+
+
+def _alert_name(reason: str) -> str | None:
+    for prefix in _ALERT_PREFIXES:
+        if reason.startswith(prefix):
+            return reason[len(prefix):]
+    if reason.startswith("TLSV1_") and reason[6:] in _ALERTS:
+        return reason[6:]
+    return None
+
+
 def translate(exc: ssl.SSLError | OSError, *, upstream: str, server_name: str) -> ProxyError:
     if isinstance(exc, ssl.SSLCertVerificationError):
         what = _VERIFY.get(exc.verify_code, exc.verify_message or "verification failed")
@@ -61,17 +90,11 @@ def translate(exc: ssl.SSLError | OSError, *, upstream: str, server_name: str) -
             what = f"hostname mismatch: the certificate is not valid for {server_name}"
         return TlsCertificateError(f"certificate rejected: {what}", upstream=upstream)
     reason = getattr(exc, "reason", None) or ""
-    name = None
-    for prefix in _ALERT_PREFIXES:
-        if reason.startswith(prefix):
-            name = reason[len(prefix):]
-            break
-    else:
-        if reason.startswith("TLSV1_") and reason[6:] in _ALERTS:
-            name = reason[6:]
+    name = _alert_name(reason)
     if name is not None:
-        message = name.lower().replace("_", " ")
-        return TlsAlertReceived(f"the upstream sent TLS alert {message!r}", upstream=upstream,
+        # alert-message: the TLS Alerts registry's description (RFC 9209 §2.3.15)
+        message = name.lower()
+        return TlsAlertReceived(f"the upstream sent TLS alert {message}", upstream=upstream,
                                 alert_id=_ALERTS.get(name), alert_message=message)
     if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE"):
         return TlsProtocolError("the answer to our TLS handshake is not TLS: the upstream speaks "

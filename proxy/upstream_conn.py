@@ -26,12 +26,12 @@ import traceback
 from time import perf_counter
 
 from proxy.codec import make_response_parser
-from proxy.errors import (AfterHead, BodyReadTimeout, ConnectionTerminated, ConnectRefused, ConnectTimeout,
+from proxy.errors import (AfterHead, BodyReadTimeout, TlsProtocolError, ConnectionTerminated, ConnectRefused, ConnectTimeout,
                           DestinationUnroutable, LocalConnectError, ProxyError, ResponseIncomplete, ResponseTimeout,
                           UpstreamProtocolError, WriteTimeout)
 from proxy.flow import HIGH_WATER, LOW_WATER, Deadline
 from proxy.logs import log_event
-from proxy.tls import translate
+from proxy.tls import translate, translate_after_handshake
 
 IDLE, SENDING, WAITING, BODY, CLOSED = "idle", "sending", "waiting", "body", "closed"
 
@@ -52,40 +52,46 @@ def looks_like_tls(data: bytes) -> bool:
 async def connect(loop: asyncio.AbstractEventLoop, ip: str, port: int, timeout: float, factory, *,
                   address: str, tls: ssl.SSLContext | None = None,
                   server_name: str | None = None) -> "UpstreamConnection":
-    """Open a TCP (+TLS) connection to ip:port; every failure is one typed ProxyError.
-    `address` is the configured "host:port" named in errors; `server_name` is the TLS
-    name to send (SNI) and verify."""
+    """Open a TCP connection to ip:port, then the TLS session over it; every failure is
+    one typed ProxyError. The two steps are timed apart, so a port that accepts TCP but
+    never answers a ClientHello is a TLS problem, not a connect timeout. `address` is the
+    configured "host:port" named in errors (with the IP when they differ); `server_name`
+    is the TLS name to send (SNI) and verify."""
+    where = address if address.rsplit(":", 1)[0].strip("[]") == ip else f"{address} ({ip})"
     started = perf_counter()  # loop.time() ticks in whole ms under uvloop: too coarse to report
     try:
         async with asyncio.timeout(timeout):
-            if tls is None:
-                _, conn = await loop.create_connection(factory, ip, port)
-            else:
-                _, conn = await loop.create_connection(factory, ip, port, ssl=tls, server_hostname=server_name,
-                                                       ssl_handshake_timeout=timeout)
+            _, conn = await loop.create_connection(factory, ip, port)
     except TimeoutError:
-        raise ConnectTimeout(f"connect to {address} timed out after {_ms(perf_counter() - started)} "
+        raise ConnectTimeout(f"connect to {where} timed out after {_ms(perf_counter() - started)} "
                              f"(timeouts.connect = {timeout:g} s)", upstream=address) from None
     except ConnectionRefusedError:
-        raise ConnectRefused(f"connect ECONNREFUSED after {_ms(perf_counter() - started)}",
+        raise ConnectRefused(f"connect to {where} ECONNREFUSED after {_ms(perf_counter() - started)}",
                              upstream=address) from None
-    except ssl.SSLError as exc:
-        raise translate(exc, upstream=address, server_name=server_name or ip) from None
     except OSError as exc:
-        if tls is not None and isinstance(exc, ConnectionResetError):
-            raise translate(exc, upstream=address, server_name=server_name or ip) from None
         name = errno.errorcode.get(exc.errno or 0, "error")
+        elapsed = _ms(perf_counter() - started)
         if exc.errno in _UNROUTABLE:
-            raise DestinationUnroutable(f"connect {name} after {_ms(perf_counter() - started)}",
-                                        upstream=address) from None
+            raise DestinationUnroutable(f"connect to {where} {name} after {elapsed}", upstream=address) from None
         if exc.errno == errno.ETIMEDOUT:
-            raise ConnectTimeout(f"connect ETIMEDOUT after {_ms(perf_counter() - started)}",
-                                 upstream=address) from None
+            raise ConnectTimeout(f"connect to {where} ETIMEDOUT after {elapsed}", upstream=address) from None
         if exc.errno in _REFUSED:
-            raise ConnectRefused(f"connect {name} after {_ms(perf_counter() - started)}",
-                                 upstream=address) from None
-        raise LocalConnectError(f"connect {name} ({exc.strerror}) after {_ms(perf_counter() - started)}",
+            raise ConnectRefused(f"connect to {where} {name} after {elapsed}", upstream=address) from None
+        raise LocalConnectError(f"connect to {where} {name} ({exc.strerror}) after {elapsed}",
                                 upstream=address) from None
+    if tls is None:
+        return conn
+    try:
+        async with asyncio.timeout(timeout):
+            transport = await loop.start_tls(conn.transport, conn, tls, server_hostname=server_name)
+    except TimeoutError:
+        conn.close()
+        raise TlsProtocolError(f"{where} accepted the connection but gave no TLS answer within {timeout:g} s "
+                               f"(timeouts.connect): does this port speak TLS?", upstream=address) from None
+    except (ssl.SSLError, OSError) as exc:
+        conn.close()
+        raise translate(exc, upstream=address, server_name=server_name or ip) from None
+    conn.connection_made(transport)
     return conn
 
 
@@ -173,8 +179,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange.on_tunnel_eof(self)
             self.exchange = None
         if isinstance(exc, ssl.SSLError) and self.exchange is not None and not self.head_seen:
-            # e.g. a TLS 1.3 server refusing our (missing) client certificate after the handshake
-            self.fail(translate(exc, upstream=self.server.address, server_name=self.server.host))
+            # The session broke after the handshake, with our request on its way: only a
+            # fresh connection refused for its client certificate proves the application
+            # never saw the request; anything else may have reached it.
+            self.fail(translate_after_handshake(exc, upstream=self.server.address, fresh=not self.reused))
         elif exc is None:
             self._lost("upstream closed the connection")
         elif isinstance(exc, ConnectionResetError):

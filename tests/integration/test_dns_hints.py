@@ -99,3 +99,54 @@ async def test_minimal_detail_leaks_nothing(upstream, gateway, accept):
                    b"attempts", b"next-hop", b"hint", b"details"):
         assert secret not in everything, (secret, everything)
     assert reply.header("x-request-id").encode() in reply.body
+
+
+async def test_one_dead_address_does_not_take_the_server_out(upstream, gateway):
+    """Regression: with a name resolving to a dead and a live address (localhost = ::1 +
+    127.0.0.1 with the service on one only), every other new connection was refused and
+    passive ejection took the whole server out."""
+    live = await upstream("ok", host="127.0.0.1")
+    dead = await upstream("refuse", host="127.0.0.2", port=live.port)
+
+    async def lookup(host, port):
+        return ["127.0.0.2", "127.0.0.1"]
+
+    gw = await gateway([f"http://svc.test:{live.port}"], lookup=lookup, pool={"retries": 0})
+    for _ in range(8):
+        assert (await http(gw.port, "GET", "/close")).status == 200
+    server = gw.proxy.pools["app"].servers[0]
+    assert server.failures_total == 0 and str(server.state) != "ejected"
+    del dead
+
+
+async def test_cold_lookups_are_shared_and_failures_remembered(upstream, gateway):
+    """Regression: 50 concurrent requests on a cold cache made 50 lookups, and a failing
+    name was looked up again for every request."""
+    up = await upstream("ok")
+    calls = {"ok": 0, "bad": 0}
+
+    async def lookup(host, port):
+        calls["ok" if host == "svc.test" else "bad"] += 1
+        await asyncio.sleep(0.05)  # a resolver round trip, so the requests overlap
+        if host != "svc.test":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return ["127.0.0.1"]
+
+    gw = await gateway([f"http://svc.test:{up.port}"], lookup=lookup)
+    replies = await asyncio.gather(*(http(gw.port) for _ in range(20)))
+    assert all(r.status == 200 for r in replies) and calls["ok"] == 1
+    bad = await gateway(["http://bad.test:9"], lookup=lookup, pool={"retries": 0})
+    replies = await asyncio.gather(*(http(bad.port) for _ in range(10)))
+    assert all(r.our_status()["error"] == "dns_error" for r in replies) and calls["bad"] == 1
+    assert bad.proxy.pools["app"].servers[0].failures_total == 0  # DNS never ejects a server
+
+
+async def test_a_lookup_crash_is_dns_error_not_internal(gateway):
+    """Regression: a non-gaierror from the lookup (IDNA rejects a 64-byte label) escaped
+    as 500 proxy_internal_error."""
+    async def lookup(host, port):
+        raise UnicodeError("label too long")
+
+    gw = await gateway(["http://x.test:9"], lookup=lookup, pool={"retries": 0})
+    reply = await http(gw.port)
+    assert reply.status == 502 and reply.our_status()["error"] == "dns_error"

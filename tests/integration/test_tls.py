@@ -151,7 +151,7 @@ async def test_client_certificate_required_is_alert_116(upstream, gateway, pki):
     reply = await http(gw.port)
     assert_fails(reply, up, "tls_alert_received")
     ps = reply.our_status()
-    assert ps["alert-id"] == 116 and ps["alert-message"] == "certificate required", ps
+    assert ps["alert-id"] == 116 and ps["alert-message"] == "certificate_required", ps  # RFC 9209 §2.3.15: the registry description
     assert up.requests_seen == 0 and up.tls_handshake_failures == 1
 
 
@@ -164,5 +164,77 @@ async def test_alert_during_the_handshake_is_named(upstream, gateway, pki):
     reply = await http(gw.port)
     assert_fails(reply, up, "tls_alert_received")
     ps = reply.our_status()
-    assert ps["alert-id"] == 112 and ps["alert-message"] == "unrecognized name", ps
+    assert ps["alert-id"] == 112 and ps["alert-message"] == "unrecognized_name", ps
     assert up.requests_seen == 0 and up.tls_handshake_failures == 1
+
+
+# -- regressions from the review of the TLS work ----------------------------------------------
+def _tls_server_that_breaks_after_reading(ctx: ssl.SSLContext, seen: list[bytes]) -> tuple[int, object]:
+    """One-shot https upstream in a thread: completes the handshake, reads a request head,
+    then writes plaintext into the TLS stream (a crashed TLS terminator) and closes."""
+    import os
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(10)
+
+    def run() -> None:
+        try:
+            conn, _ = listener.accept()
+            conn.settimeout(10)
+            tls = ctx.wrap_socket(conn, server_side=True)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += tls.recv(65536)
+            seen.append(data.split(b"\r\n")[0])
+            raw = socket.socket(fileno=os.dup(tls.fileno()))
+            raw.sendall(b"HTTP/1.1 500 oops\r\n\r\n")
+            raw.close()
+            tls.close()
+        except OSError:
+            pass
+        finally:
+            listener.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread
+
+
+async def test_tls_broken_after_the_request_is_not_retry_safe(upstream, gateway, pki):
+    """Regression: an SSL error after the handshake was mapped to a connect-phase (always
+    retry-safe) TLS error, so a POST the upstream had already read was sent again to the
+    next server. Now: connection_terminated, and a POST is not replayed."""
+    import asyncio
+
+    seen: list[bytes] = []
+    port, thread = _tls_server_that_breaks_after_reading(server_context(pki.good), seen)
+    good = await upstream("ok", ssl=server_context(pki.good))
+    gw = await gateway(None, raw={"pools": {"app": {"retries": 1, "passive": {"max_fails": 0}, "servers": [
+        {"url": f"https://127.0.0.1:{port}", "ca_file": str(pki.ca), "weight": 2},
+        {"url": good.url, "ca_file": str(pki.ca)}]}}})
+    reply = await http(gw.port, "POST", "/pay", body=b"amount=100")
+    await asyncio.get_running_loop().run_in_executor(None, thread.join, 5)
+    assert seen == [b"POST /pay HTTP/1.1"]
+    assert reply.status == 502
+    assert reply.our_status()["error"] == "connection_terminated"
+    assert "TLS session failed after the request was sent" in reply.our_status()["details"]
+    assert good.requests_seen == 0  # never replayed
+
+
+async def test_port_that_never_answers_the_handshake_is_a_tls_problem(upstream, gateway):
+    """Regression: an https:// URL on a port that accepts TCP but never answers the
+    ClientHello was reported as connection_timeout (check firewalls), though the TCP
+    connect had succeeded."""
+    plain = await upstream("hang")
+    gw = await gateway([f"https://127.0.0.1:{plain.port}"], pool={"retries": 0},
+                       timeouts={"connect": 0.3})
+    reply = await http(gw.port)
+    assert reply.status == 502
+    ps = reply.our_status()
+    assert ps["error"] == "tls_protocol_error"
+    assert "gave no TLS answer" in ps["details"]
+    assert 0.3 <= reply.elapsed < 3
