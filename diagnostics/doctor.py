@@ -565,11 +565,16 @@ class _Probe:
                          "look at the upstream (its logs, CPU, what it waits on); raise "
                          "timeouts.response_header only if that latency is expected")
             else:
-                self.add("warning", "latency", None,
+                # No head within the doctor's own limit: stuck or far too slow for people,
+                # even when response_header is longer still (and health checks fail first).
+                health = self.health
+                checks = (f"; health checks give up after {_s(float(health.timeout))}, so it is marked "
+                          "unhealthy" if health is not None and waited >= float(health.timeout) else "")
+                self.add("error", "http", "http_response_timeout",
                          f"{target}: no response head within {_ms(waited)} (the doctor stopped waiting; "
-                         f"timeouts.response_header = {_s(self.t_header)})",
-                         "the upstream is very slow or stuck", "look at the upstream (its logs, CPU, what it "
-                                                              "waits on)")
+                         f"timeouts.response_header = {_s(self.t_header)}){checks}",
+                         "the upstream is stuck or very slow", "look at the upstream (its logs, CPU, what it "
+                                                               "waits on)")
             return
         except ssl.SSLError as exc:
             if not self._alert(exc, f"in answer to {target}"):

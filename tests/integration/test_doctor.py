@@ -282,3 +282,22 @@ async def test_debug_doctor_through_a_running_proxy(upstream, gateway):
     assert by_url(report, ok.url)["ok"] is True
     [f] = errors(by_url(report, slow.url))
     assert (f["check"], f["error"]) == ("latency", "http_response_timeout")
+
+
+async def test_a_stuck_upstream_is_an_error_even_with_a_long_response_header(upstream, monkeypatch):
+    """Regression: an upstream that accepts and never answers passed the doctor (exit 0,
+    only a latency warning) whenever timeouts.response_header was longer than the
+    doctor's own wait."""
+    import diagnostics.doctor as doctor
+
+    monkeypatch.setattr(doctor, "HTTP_WAIT_CAP", 0.3)  # the doctor's own limit, shortened for the test
+    hung = await upstream("hang")
+    cfg = parse_config({"timeouts": {"response_header": 30},
+                        "pools": {"app": {"retries": 0, "health": {"timeout": 0.2},
+                                          "servers": [{"url": hung.url}]}}})
+    report = await run_doctor(cfg)
+    assert report["ok"] is False
+    (server,) = report["servers"]
+    errors = [f for f in server["findings"] if f["severity"] == "error"]
+    assert any(f["error"] == "http_response_timeout" and "health checks give up" in f["observed"]
+               for f in errors), server["findings"]
