@@ -48,6 +48,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from diagnostics.tls_alerts import CLIENT_REFUSED, alert_name
 from diagnostics import ports as _ports
 
 SEVERITIES = ("error", "warning", "info")
@@ -432,8 +433,8 @@ class _Probe:
                      cause or f"the certificate does not verify: {message}",
                      step or "fix the server's certificate, or set ca_file to the CA that issued it")
             return None
-        except TimeoutError:
-            self.add("error", "tls", "connection_timeout",
+        except TimeoutError:  # TCP is up: a stalled handshake is a TLS problem (as in the proxy)
+            self.add("error", "tls", "tls_protocol_error",
                      f"no TLS handshake within {_ms(self.clock() - started)} "
                      f"(timeouts.connect = {_s(self.t_connect)})",
                      "the port does not speak TLS (a plain HTTP server waiting for a request?) or is stuck",
@@ -468,13 +469,10 @@ class _Probe:
 
     def _alert(self, exc: BaseException, when: str, check: str = "tls") -> bool:
         """A fatal TLS alert from the server (OpenSSL reason *_ALERT_*): tls_alert_received."""
-        reason = getattr(exc, "reason", None) or ""
-        for prefix in ("TLSV13_ALERT_", "TLSV1_ALERT_", "SSLV3_ALERT_"):
-            if not reason.startswith(prefix):
-                continue
-            name = reason[len(prefix):]
-            alert = name.lower().replace("_", " ")
-            if name in ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED"):
+        name = alert_name(getattr(exc, "reason", None))
+        if name is not None:
+            alert = name.lower()
+            if name in CLIENT_REFUSED:
                 cause = "the server wants a client certificate (mutual TLS) that gatewise does not send"
                 step = "turn off client certificate checks for the proxy on the server, or terminate mTLS elsewhere"
             elif name == "UNRECOGNIZED_NAME":

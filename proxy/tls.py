@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ssl
 
+from diagnostics.tls_alerts import CLIENT_REFUSED, alert_name, alert_params
 from proxy.errors import (ConnectionTerminated, ProxyError, TlsAlertReceived, TlsCertificateError,
                           TlsProtocolError)
 
@@ -30,23 +31,6 @@ _VERIFY = {
     62: "hostname mismatch",
 }
 
-# TLS alert descriptions (RFC 8446 §6, RFC 5246 §7.2), by OpenSSL's reason suffix.
-_ALERTS = {
-    "CLOSE_NOTIFY": 0, "UNEXPECTED_MESSAGE": 10, "BAD_RECORD_MAC": 20, "RECORD_OVERFLOW": 22,
-    "HANDSHAKE_FAILURE": 40, "BAD_CERTIFICATE": 42, "UNSUPPORTED_CERTIFICATE": 43,
-    "CERTIFICATE_REVOKED": 44, "CERTIFICATE_EXPIRED": 45, "CERTIFICATE_UNKNOWN": 46,
-    "ILLEGAL_PARAMETER": 47, "UNKNOWN_CA": 48, "ACCESS_DENIED": 49, "DECODE_ERROR": 50,
-    "DECRYPT_ERROR": 51, "PROTOCOL_VERSION": 70, "INSUFFICIENT_SECURITY": 71, "INTERNAL_ERROR": 80,
-    "INAPPROPRIATE_FALLBACK": 86, "USER_CANCELLED": 90, "MISSING_EXTENSION": 109,
-    "UNSUPPORTED_EXTENSION": 110, "CERTIFICATE_UNOBTAINABLE": 111, "UNRECOGNIZED_NAME": 112,
-    "BAD_CERTIFICATE_STATUS_RESPONSE": 113, "BAD_CERTIFICATE_HASH_VALUE": 114,
-    "UNKNOWN_PSK_IDENTITY": 115, "CERTIFICATE_REQUIRED": 116, "NO_APPLICATION_PROTOCOL": 120,
-}
-# OpenSSL names most received alerts <VERSION>_ALERT_<NAME>, but alerts 110-114 plain
-# TLSV1_<NAME>; the second form counts only when <NAME> is a known alert.
-_ALERT_PREFIXES = ("TLSV13_ALERT_", "TLSV1_ALERT_", "SSLV3_ALERT_")
-
-
 def client_context(*, verify: bool = True, ca_file: str | None = None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=ca_file)
     if not verify:
@@ -55,32 +39,17 @@ def client_context(*, verify: bool = True, ca_file: str | None = None) -> ssl.SS
     return ctx
 
 
-# Alerts that refuse us as a client before any application data is accepted (TLS 1.3
-# sends them after the handshake, when our request is already on its way).
-_CLIENT_REFUSED = frozenset({"CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNSUPPORTED_CERTIFICATE",
-                             "CERTIFICATE_REVOKED", "CERTIFICATE_EXPIRED", "CERTIFICATE_UNKNOWN",
-                             "UNKNOWN_CA", "ACCESS_DENIED"})
-
-
 def translate_after_handshake(exc: ssl.SSLError, *, upstream: str, fresh: bool) -> ProxyError:
     """A TLS error once the session was up and our request sent. Retry-safe only when
     it is a client-refused alert on a connection that never carried a request before;
     otherwise the request may have reached the application: connection_terminated."""
     reason = getattr(exc, "reason", None) or ""
-    name = _alert_name(reason)
-    if fresh and name in _CLIENT_REFUSED:
+    name = alert_name(reason)
+    # TLS 1.3 sends these after the handshake, when our request is already on its way
+    if fresh and name in CLIENT_REFUSED:
         return translate(exc, upstream=upstream, server_name="")
     return ConnectionTerminated(f"the TLS session failed after the request was sent: "
                                 f"{name.lower() if name else reason or exc}", upstream=upstream)
-
-
-def _alert_name(reason: str) -> str | None:
-    for prefix in _ALERT_PREFIXES:
-        if reason.startswith(prefix):
-            return reason[len(prefix):]
-    if reason.startswith("TLSV1_") and reason[6:] in _ALERTS:
-        return reason[6:]
-    return None
 
 
 def translate(exc: ssl.SSLError | OSError, *, upstream: str, server_name: str) -> ProxyError:
@@ -90,12 +59,11 @@ def translate(exc: ssl.SSLError | OSError, *, upstream: str, server_name: str) -
             what = f"hostname mismatch: the certificate is not valid for {server_name}"
         return TlsCertificateError(f"certificate rejected: {what}", upstream=upstream)
     reason = getattr(exc, "reason", None) or ""
-    name = _alert_name(reason)
+    name = alert_name(reason)
     if name is not None:
-        # alert-message: the TLS Alerts registry's description (RFC 9209 §2.3.15)
-        message = name.lower()
+        alert_id, message = alert_params(name)
         return TlsAlertReceived(f"the upstream sent TLS alert {message}", upstream=upstream,
-                                alert_id=_ALERTS.get(name), alert_message=message)
+                                alert_id=alert_id, alert_message=message)
     if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE"):
         return TlsProtocolError("the answer to our TLS handshake is not TLS: the upstream speaks "
                                 "plain HTTP on this port? use http://", upstream=upstream)

@@ -301,3 +301,20 @@ async def test_a_stuck_upstream_is_an_error_even_with_a_long_response_header(ups
     errors = [f for f in server["findings"] if f["severity"] == "error"]
     assert any(f["error"] == "http_response_timeout" and "health checks give up" in f["observed"]
                for f in errors), server["findings"]
+
+
+async def test_alert_112_is_named_the_same_as_the_proxy_names_it(upstream, pki):
+    """Regression: the doctor's own copy of the alert parsing missed OpenSSL's
+    TLSV1_<NAME> form, so unrecognized_name was tls_protocol_error in the doctor and
+    tls_alert_received in the proxy. Both now read diagnostics/tls_alerts.py."""
+    import ssl
+
+    ctx = server_context(pki.good)
+    ctx.sni_callback = lambda _obj, _name, _ctx: ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+    up = await upstream("ok", ssl=ctx)
+    cfg = parse_config({"pools": {"app": {"retries": 0, "servers": [
+        {"url": f"https://localhost:{up.port}", "ca_file": str(pki.ca)}]}}})
+    report = await run_doctor(cfg)
+    (server,) = report["servers"]
+    assert any(f["error"] == "tls_alert_received" and "SNI" in (f["likely_cause"] or "")
+               for f in server["findings"]), server["findings"]
