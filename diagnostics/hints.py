@@ -7,8 +7,9 @@ the "what to check next" column of docs/errors.md.
 Rules:
 - ONE table, HINTS: key -> the hint's pieces, in order. Keys are Cause *values*
   (strings, not enum members), so causes still being added elsewhere (DNS, TLS) can have
-  their hint here first. A key "cause:variant" is used instead of "cause" when
-  `details` matches that variant's pattern in _VARIANTS (first match wins).
+  their hint here first. A key "cause:variant" is used instead of "cause" when the
+  failure carries that variant (set where the error is created, from structured facts
+  such as an OpenSSL verify code; never by matching message text, STYLE §4).
 - A piece is a template, or a tuple of alternative templates: the first one whose
   values are all known is used, and a piece with none usable is dropped. So a missing
   value degrades the text ("No response head in time" instead of "within 30 s") and
@@ -25,7 +26,6 @@ Rules:
 from __future__ import annotations
 
 import math
-import re
 import string
 import time
 from collections.abc import Mapping
@@ -55,6 +55,7 @@ class HintContext:
     path: str | None = None  # the request path
     proxy_name: str = "gatewise"  # diagnostics.proxy_name
     reasons: str | None = None  # destination_unavailable: why each server is out
+    variant: str | None = None  # the failure's own refinement ("expired", "tls", ...)
 
 
 _CERT_CHECKS = (
@@ -293,18 +294,7 @@ HINTS: dict[str, tuple[str | tuple[str, ...], ...]] = {
 }
 
 # (cause value, pattern searched in details, variant key). First match wins.
-_VARIANTS: tuple[tuple[str, re.Pattern[str], str], ...] = tuple(
-    (cause, re.compile(pattern, re.IGNORECASE), key)
-    for cause, pattern, key in (
-        ("upstream_protocol_error", r"\btls\b|https://", "upstream_protocol_error:tls"),
-        ("tls_certificate", r"expired|not yet valid", "tls_certificate:expired"),
-        ("tls_certificate", r"self[- ]signed", "tls_certificate:self_signed"),
-        ("tls_certificate", r"mismatch|not valid for|doesn't match|does not match",
-         "tls_certificate:name"),
-        ("tls_certificate", r"unknown ca|issuer|untrusted|not trusted",
-         "tls_certificate:unknown_ca"),
-    )
-)
+VARIANTS = frozenset(key.partition(":")[2] for key in HINTS if ":" in key)
 
 _FIELDS = frozenset({"server", "host", "port", "scheme", "at", "p99", "details", "pool", "path",
                      "proxy_name", "reasons", *TIMEOUT_KEYS, *LIMIT_KEYS})
@@ -322,16 +312,16 @@ for _pieces in HINTS.values():
         for _template in (_piece,) if isinstance(_piece, str) else _piece:
             _TEMPLATE_FIELDS[_template] = _names(_template)
             assert _TEMPLATE_FIELDS[_template] <= _FIELDS, _template
-assert all(key in HINTS and cause in HINTS for cause, _, key in _VARIANTS)
+assert all(key.partition(":")[0] in HINTS for key in HINTS if ":" in key)
 
 
 def hint_for(cause_value: str, ctx: HintContext) -> str | None:
     """The hint for this cause, or None for an unknown cause."""
     key = str(cause_value)
-    if ":" in key:  # variant keys are chosen by details, never asked for directly
+    if ":" in key:  # variant keys come from ctx.variant, never asked for directly
         return None
-    if ctx.details:
-        key = next((k for c, pat, k in _VARIANTS if c == key and pat.search(ctx.details)), key)
+    if ctx.variant and f"{key}:{ctx.variant}" in HINTS:
+        key = f"{key}:{ctx.variant}"
     pieces = HINTS.get(key)
     if pieces is None:
         return None

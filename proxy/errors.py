@@ -23,6 +23,9 @@ class ProxyError(Exception):
     cause: ClassVar[Cause]
     # The cause's own RFC 9209 parameters for Proxy-Status (rcode, alert-id, ...).
     params: tuple[tuple[str, str | int], ...] = ()
+    # A refinement of the cause for the hint ("expired" for a certificate error), set
+    # where the error is made from structured facts, never parsed back from `detail`.
+    hint_variant: str | None = None
 
     def __init__(self, detail: str = "", *, upstream: str | None = None) -> None:
         super().__init__(detail)
@@ -69,6 +72,10 @@ class DnsTimeout(BeforeSend):
 
 class TlsCertificateError(BeforeSend):
     cause = Cause.TLS_CERTIFICATE
+
+    def __init__(self, detail: str = "", *, upstream: str | None = None, variant: str | None = None) -> None:
+        super().__init__(detail, upstream=upstream)
+        self.hint_variant = variant
 
 
 class TlsProtocolError(BeforeSend):

@@ -227,7 +227,9 @@ class Proxy:
                           timeouts=self._timeouts, limits=self._limits, p99_ms=p99, details=details,
                           pool=ex.pool.name if ex is not None and ex.pool is not None else None,
                           path=path if path != "-" else None, proxy_name=self.proxy_name,
-                          reasons=details if cause is Cause.NO_SERVER_AVAILABLE else None)
+                          reasons=details if cause is Cause.NO_SERVER_AVAILABLE else None,
+                          scheme="https" if server is not None and server in ex.pool.tls else "http",
+                          variant=exc.hint_variant)
         return hint_for(cause.value, ctx)
 
 

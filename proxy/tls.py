@@ -20,6 +20,10 @@ from diagnostics.tls_alerts import CLIENT_REFUSED, alert_name, alert_params
 from proxy.errors import (ConnectionTerminated, ProxyError, TlsAlertReceived, TlsCertificateError,
                           TlsProtocolError)
 
+# OpenSSL X509_V_ERR_* codes -> the hint's variant (diagnostics/hints.py).
+_VARIANT = {9: "expired", 10: "expired", 18: "self_signed", 19: "self_signed", 20: "unknown_ca",
+            21: "unknown_ca", 62: "name"}
+
 # OpenSSL X509_V_ERR_* codes worth naming (openssl/x509_vfy.h).
 _VERIFY = {
     9: "certificate is not yet valid",
@@ -57,7 +61,8 @@ def translate(exc: ssl.SSLError | OSError, *, upstream: str, server_name: str) -
         what = _VERIFY.get(exc.verify_code, exc.verify_message or "verification failed")
         if exc.verify_code == 62:
             what = f"hostname mismatch: the certificate is not valid for {server_name}"
-        return TlsCertificateError(f"certificate rejected: {what}", upstream=upstream)
+        return TlsCertificateError(f"certificate rejected: {what}", upstream=upstream,
+                                   variant=_VARIANT.get(exc.verify_code))
     reason = getattr(exc, "reason", None) or ""
     name = alert_name(reason)
     if name is not None:

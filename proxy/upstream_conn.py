@@ -138,9 +138,10 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.bytes_seen:
             self.bytes_seen = True
             if looks_like_tls(data):
-                self.fail(UpstreamProtocolError(
-                    "response is a TLS record, not HTTP: upstream speaks TLS; use https://",
-                    upstream=self.server.address))
+                exc = UpstreamProtocolError("response is a TLS record, not HTTP: upstream speaks TLS; "
+                                            "use https://", upstream=self.server.address)
+                exc.hint_variant = "tls"
+                self.fail(exc)
                 return
         try:
             rest = self._parser.feed(data)
