@@ -57,4 +57,5 @@ class ProxyView:
     def doctor(self) -> dict | None:
         from diagnostics.doctor import run_doctor  # imported on use: only /debug/doctor needs it
 
-        return run_doctor(self._proxy.cfg)  # a coroutine: the admin app awaits it
+        # a coroutine (the admin app awaits it), with the proxy's own name lookup
+        return run_doctor(self._proxy.cfg, resolver=self._proxy.resolver.lookup)

@@ -60,6 +60,11 @@ class Resolver:
         self._refreshing: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Task] = set()
 
+    @property
+    def lookup(self) -> Lookup:
+        """The lookup in use (the injected one in tests), for the doctor to share."""
+        return self._lookup
+
     async def _getaddrinfo(self, host: str, port: int) -> list[str]:
         infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         return list(dict.fromkeys(info[4][0] for info in infos))  # unique, in resolver order
