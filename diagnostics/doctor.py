@@ -252,7 +252,7 @@ class _Probe:
                      "or use an IP address if DNS cannot be fixed")
             return []
         except socket.gaierror as exc:
-            code = {socket.EAI_NONAME: "NXDOMAIN", socket.EAI_AGAIN: "SERVFAIL"}.get(exc.errno)
+            code = {socket.EAI_NONAME: "NXDOMAIN"}.get(exc.errno)  # EAI_AGAIN proves no rcode
             what = exc.strerror or str(exc)
             if exc.errno == socket.EAI_AGAIN:
                 cause = "a temporary DNS failure: the DNS server did not give a usable answer"
@@ -262,6 +262,10 @@ class _Probe:
                      f"cannot resolve {host}: {what}" + (f" ({code})" if code else "")
                      + f" after {_ms(self.clock() - started)}",
                      cause, f"check the host in the URL; `getent hosts {host}` shows what this machine resolves")
+            return []
+        except (UnicodeError, OSError, ValueError) as exc:  # e.g. IDNA: a label over 63 bytes
+            self.add("error", "resolve", "dns_error", f"cannot resolve {host}: {exc}",
+                     f"the name {host} is not a valid DNS name", "fix the host in the URL")
             return []
         except OSError as exc:
             self.add("error", "resolve", "dns_error", f"cannot resolve {host}: {exc}",
@@ -329,7 +333,8 @@ class _Probe:
                 token, observed, cause, step = self._connect_failure(bad_ip, bad_elapsed, exc)
                 self.add("warning", "connect", token, f"{observed} on {_hostport(bad_ip, self.port)}, "
                                                       f"while {ip} works",
-                         f"{cause}; the proxy uses every address of {self.host}, so some requests fail",
+                         f"{cause}; the proxy moves on to the next address when one refuses, but each "
+                         "new connection that meets a timeout here fails",
                          f"make the service listen on {bad_ip} too, or put {ip} in the URL")
             return sock, ip
         _, ip, elapsed, exc = bad[0]

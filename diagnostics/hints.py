@@ -82,7 +82,7 @@ HINTS: dict[str, tuple[str | tuple[str, ...], ...]] = {
         "Packets are probably being dropped: check firewalls and security groups, that the "
         "host is up and that the address is right.",
         ("Try `nc -vz -w 3 {host} {port}` from this machine.",),
-        "A full listen backlog or a slow DNS resolver can also cause this.",
+        "A full listen backlog on the upstream can also cause this.",
     ),
     "destination_unroutable": (
         ("There is no route to {host}: the host or its network is unreachable from here.",

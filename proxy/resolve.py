@@ -11,8 +11,8 @@
   queries off this machine.
 
 Failures are typed here, once: our own timeout is dns_timeout; getaddrinfo's answer
-"no such name" is dns_error with rcode NXDOMAIN (RFC 9209 §2.3.2); EAI_AGAIN (no
-usable answer: SERVFAIL or no reply from the resolver) is dns_error with rcode SERVFAIL.
+"no such name" is dns_error with rcode NXDOMAIN (RFC 9209 §2.3.2); EAI_AGAIN (SERVFAIL
+or no reply from the resolver: getaddrinfo cannot tell) is dns_error with no rcode.
 """
 
 from __future__ import annotations
