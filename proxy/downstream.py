@@ -305,6 +305,9 @@ class DownstreamProtocol(asyncio.Protocol):
         if buf and not self._closed:
             if len(buf) == 1:
                 self.transport.write(buf[0])
+            elif sum(map(len, buf)) <= 65536:
+                # one small copy beats writev: a head plus a short body is the common case
+                self.transport.write(b"".join(buf))
             else:
                 self.transport.writelines(buf)
             self._wbuf = []

@@ -15,6 +15,7 @@ Rules (RFC 9110 §7.6.1, RFC 9112 §6-7):
 from __future__ import annotations
 
 import os
+import random
 import re
 from http import HTTPStatus
 
@@ -30,8 +31,13 @@ _NO_BODY_STATUS = frozenset({204, 304})
 NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
 
 
+# Request ids must be unique, not secret: a PRNG seeded once from the OS gives 96 random
+# bits per id without a getrandom() syscall per request.
+_ids = random.Random(os.urandom(16))
+
+
 def new_request_id() -> str:
-    return os.urandom(12).hex()
+    return "%024x" % _ids.getrandbits(96)
 
 
 def _connection_tokens(headers: Headers) -> set[bytes]:
