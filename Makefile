@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run run-config test check clean
+.PHONY: run run-config test check clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: $(STAMP)
 
 check: $(STAMP)
 	$(BIN)/gatewise check -c conf/gatewise.toml
+
+bench: $(STAMP)  # wrk through gatewise, nginx (and HAProxy when installed); installs wrk/nginx as root; ~10 min
+	$(BIN)/python benchmarks/bench.py
+
+bench-quick: $(STAMP)  # the same, as a smoke run of about a minute
+	$(BIN)/python benchmarks/bench.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/micro.py
 
 Prints microseconds per call (best of 5 repeats, timeit). The load benchmark against a
-direct connection and nginx arrives with issue 5; these numbers say where per-request
-CPU goes inside gatewise itself.
+direct connection and nginx is bench.py (`make bench`); these numbers say where
+per-request CPU goes inside gatewise itself.
 """
 
 from __future__ import annotations
