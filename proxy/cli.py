@@ -74,9 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _load(args)
         if cfg is None:
             return 1
+        from proxy.config import load_config
         from proxy.server import run_forever
 
-        return run_forever(cfg)
+        path = args.config or DEFAULT_CONFIG
+
+        def reload_config():  # SIGHUP re-reads the same file, with the same command-line overrides
+            return load_config(path, listen=args.listen, admin=args.admin, workers=args.workers)
+
+        return run_forever(cfg, None if args.to else reload_config)
     if args.command == "doctor":
         cfg = _load(args)
         if cfg is None:

@@ -10,8 +10,12 @@ from proxy.config import to_dict
 
 
 class ProxyView:
-    def __init__(self, proxy) -> None:
-        self._proxy = proxy
+    def __init__(self, current) -> None:
+        self._current = current  # () -> the Proxy serving now (a reload swaps it)
+
+    @property
+    def _proxy(self):
+        return self._current()
 
     @property
     def token(self) -> str:

@@ -242,6 +242,7 @@ class Server:
         self.proxy: Proxy | None = None
         self.admin = None  # diagnostics.admin.AdminServer
         self._checkers: list[HealthChecker] = []
+        self._retired: list[Proxy] = []  # runtimes replaced by a reload, still finishing
         self._server: asyncio.base_events.Server | None = None
         self.host = cfg.listen.host
         self.port = cfg.listen.port
@@ -261,7 +262,7 @@ class Server:
             checker.start()
         admin = self.cfg.admin
         try:
-            self.admin = await start_admin(ProxyView(self.proxy), admin.host, admin.port)
+            self.admin = await start_admin(ProxyView(lambda: self.proxy), admin.host, admin.port)
         except OSError:
             await self.stop(grace=0)
             raise
@@ -272,6 +273,40 @@ class Server:
     @property
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    async def reload(self, cfg: ProxyConfig) -> list[str]:
+        """Serve a new config without dropping a connection (SIGHUP; nginx's reload).
+
+        New connections get the new routes, pools and limits at once. Established ones
+        finish the request in flight under the config they started with, then close, so
+        their clients reconnect to the new one. The failure ring is kept; server states
+        and counters start afresh, as with nginx's new workers. Returns what the reload
+        could not change (the listen and admin addresses need a restart)."""
+        notes = []
+        if cfg.listen.address != self.cfg.listen.address:
+            notes.append(f"listen.address stays {self.address} until a restart")
+        if cfg.admin.address != self.cfg.admin.address:
+            notes.append(f"admin.address stays {self.admin.address if self.admin else '-'} until a restart")
+        old = self.proxy
+        new = Proxy(cfg, old.loop, self._lookup)
+        new.recorder = old.recorder
+        new.recorder.size = cfg.diagnostics.recent_requests
+        for checker in self._checkers:
+            await checker.stop()
+        self.proxy, self.cfg = new, cfg
+        self._checkers = [HealthChecker(new, pool, pool.cfg.health)
+                          for pool in new.pools.values() if pool.cfg.health is not None]
+        for checker in self._checkers:
+            checker.start()
+        self._retired = [p for p in self._retired if p.connections] + [old]
+        old.draining = True  # what the old runtime still releases is closed, not pooled
+        for conn in list(old.connections):
+            conn.drain()
+        for pool in old.pools.values():
+            for idle in pool.idle.values():
+                for c in idle.drain():
+                    c.close()
+        return notes
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful drain: stop accepting, finish in-flight responses, then abort the rest."""
@@ -295,6 +330,9 @@ class Server:
                 for c in idle.drain():
                     c.close()
         await self._server.wait_closed()
+        for old in self._retired:
+            for conn in list(old.connections):
+                conn.abort()
         for checker in self._checkers:
             await checker.stop()
         proxy.resolver.cancel()
@@ -304,8 +342,10 @@ class Server:
         self.stopped.set()
 
 
-def run_forever(cfg: ProxyConfig) -> int:
-    """`gatewise run`: serve until SIGTERM/SIGINT, then drain gracefully."""
+def run_forever(cfg: ProxyConfig, reload_config=None) -> int:
+    """`gatewise run`: serve until SIGTERM/SIGINT, then drain gracefully. SIGHUP reloads
+    with `reload_config()` (which raises ConfigError for a bad file: the running config
+    keeps serving, and the problems are logged)."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio still works
@@ -318,9 +358,31 @@ def run_forever(cfg: ProxyConfig) -> int:
         # Handlers first: once the port accepts connections, a signal must drain.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        # Reload arrives in a later release; until then SIGHUP must not kill the proxy.
-        loop.add_signal_handler(signal.SIGHUP, lambda: log_event(
-            "warning", message="SIGHUP: config reload is not supported yet; still serving the loaded config"))
+        reloading: list[asyncio.Task] = []
+
+        async def reload() -> None:
+            from proxy.config import ConfigError
+
+            if reload_config is None:
+                log_event("reload_skipped", reason="no config file (gatewise run --to)")
+                return
+            if server.proxy is None:  # still starting: nothing to swap yet
+                log_event("reload_skipped", reason="still starting")
+                return
+            try:
+                new_cfg = reload_config()
+            except ConfigError as exc:
+                log_event("reload_rejected", problems=exc.problems, serving=server.cfg.source)
+                return
+            notes = await server.reload(new_cfg)
+            log_event("reloaded", config=new_cfg.source, notes=notes or None,
+                      pools={n: [s.url for s in p.servers] for n, p in server.proxy.pools.items()})
+
+        def on_sighup() -> None:
+            if not (reloading and not reloading[-1].done()):  # one reload at a time
+                reloading.append(loop.create_task(reload()))
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
         try:
             await server.start()
         except OSError as exc:
@@ -333,7 +395,8 @@ def run_forever(cfg: ProxyConfig) -> int:
         if cfg.listen.workers > 1:
             log_event("warning", message="listen.workers > 1 is not supported yet; running one worker")
         await stop.wait()
-        log_event("draining", grace_s=cfg.timeouts.shutdown_grace, connections=len(proxy.connections))
+        log_event("draining", grace_s=server.cfg.timeouts.shutdown_grace,
+                  connections=len(server.proxy.connections))
         await server.stop()
         log_event("stopped")
         return 0
