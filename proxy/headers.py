@@ -43,7 +43,8 @@ def new_request_id() -> str:
 def _connection_tokens(headers: Headers) -> set[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
-        if name.lower() == b"connection":
+        # the length test first: most names are not 10 bytes, so most are never lowercased
+        if len(name) == 10 and name.lower() == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b","))
     return tokens
 

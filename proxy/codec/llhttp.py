@@ -201,8 +201,13 @@ class LlhttpResponseParser:
             return
         no_body = self._head_only or status in (204, 304)
         if not no_body:
-            self._close_delimited = not any(
-                n.lower() in (b"content-length", b"transfer-encoding") for n, _ in headers)
+            # RFC 9112 §6.3: no Content-Length (14 bytes) and no Transfer-Encoding (17 bytes)
+            # means the body runs until the close; the length test spares most lower() calls
+            self._close_delimited = True
+            for n, _ in headers:
+                if len(n) in (14, 17) and n.lower() in (b"content-length", b"transfer-encoding"):
+                    self._close_delimited = False
+                    break
         self._h.on_response_head(head)
         if self._head_only:
             self.reusable = False  # before on_response_end, which decides about pooling
