@@ -140,3 +140,14 @@ def test_forwarded_5xx_carries_our_member_and_keeps_theirs():
 def test_trailer_block():
     assert H.trailer_block([]) == b"0\r\n\r\n"
     assert H.trailer_block([(b"X-Sum", b"1"), (b"Transfer-Encoding", b"x")]) == b"0\r\nX-Sum: 1\r\n\r\n"
+
+
+def test_connection_named_headers_are_dropped_whatever_their_length():
+    """The length fast path must not skip a header that Connection names."""
+    info, out = build([(b"Host", b"a"), (b"Connection", b"close, X-Very-Long-Private-Header"),
+                       (b"X-Very-Long-Private-Header", b"secret"), (b"X-Other", b"kept")])
+    assert not any(b"Private" in line for line in out)
+    assert b"X-Other: kept" in out
+    p = plan(headers=[(b"Content-Length", b"1"), (b"Connection", b"X-Internal-Debug-Field"),
+                      (b"X-Internal-Debug-Field", b"1"), (b"Server", b"s")])
+    assert b"X-Internal-Debug-Field" not in p.head and b"Server: s" in p.head
