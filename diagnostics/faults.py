@@ -620,10 +620,14 @@ class FaultServer:
         self._loop = asyncio.get_running_loop()
         self._seen = asyncio.Event()
         if self.mode == "refuse":
-            if self.port == 0:   # bind, read the port, close: a dead address (ECONNREFUSED)
-                with socket.socket(self._family(), socket.SOCK_STREAM) as s:
-                    s.bind((self.host, 0))
-                    self.port = s.getsockname()[1]
+            if self.port == 0:
+                # A bound socket that never listens: connects get ECONNREFUSED, and unlike
+                # bind-then-close the port stays ours, so a later port-0 bind (the proxy's
+                # admin listener, say) cannot be handed this "dead" port.
+                s = socket.socket(self._family(), socket.SOCK_STREAM)
+                s.bind((self.host, 0))
+                self.port = s.getsockname()[1]
+                self._socks.append(s)
         elif self.mode == "blackhole":
             await self._start_blackhole()
         else:

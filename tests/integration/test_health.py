@@ -204,7 +204,8 @@ async def test_ejected_server_returns_after_a_trial_request(upstream, gateway):
     assert s["state"] == "ejected"
     assert s["failures_by_error"] == {"connection_refused": 1}
 
-    await upstream("ok", port=down.port)   # the service comes back on its port
+    await down.close()                     # the refusing stand-in frees the port...
+    await upstream("ok", port=down.port)   # ...and the service comes back on it
 
     async def reaches_it():
         r = await http(gw.port)
@@ -385,6 +386,7 @@ async def test_one_log_line_per_transition_nothing_in_steady_state(upstream, gat
     assert state_lines(capfd.readouterr().err) == []
 
     # Recovery: exactly one more line.
+    await down.close()
     await upstream("ok", port=down.port)
     await until(in_state(gw, down.url, "healthy", consecutive_successes=5), "down healthy, 5 passes")
     lines = state_lines(capfd.readouterr().err)
