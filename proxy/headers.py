@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import random
 import re
+import time
+from email.utils import formatdate
 from http import HTTPStatus
 
 from proxy.codec.base import Headers, RequestHead, ResponseHead
@@ -212,6 +214,7 @@ def plan_response(head: ResponseHead, *, request_method: bytes, client_version: 
     length = None
     chunked = False
     via_seen = None
+    date_seen = False
     out = [status_line(status, head.reason)]
     for name, value in head.headers:
         lname = name.lower()
@@ -237,8 +240,14 @@ def plan_response(head: ResponseHead, *, request_method: bytes, client_version: 
         elif lname == b"x-request-id":
             continue
         else:
+            if lname == b"date":
+                date_seen = True
             out += (name, b": ", value, b"\r\n")
     out += (b"Via: ", via if via_seen is None else via_seen + b", " + via, b"\r\n")
+    if not date_seen and not interim:
+        # RFC 9110 §6.6.1: a recipient with a clock MUST add Date to a response it forwards
+        # without one
+        out.append(date_field())
     if interim:
         if status == 101:
             out.append(b"Connection: upgrade\r\n")
@@ -288,6 +297,20 @@ def _keepalive_timeout(value: bytes) -> float | None:
             except ValueError:
                 return None
     return None
+
+
+_date_second = -1
+_date_field = b""
+
+
+def date_field() -> bytes:
+    """b"Date: <IMF-fixdate>\r\n", rebuilt at most once a second (uvicorn's on_tick idea)."""
+    global _date_second, _date_field
+    now = int(time.time())
+    if now != _date_second:
+        _date_second = now
+        _date_field = b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+    return _date_field
 
 
 def trailer_block(trailers: Headers) -> bytes:

@@ -28,7 +28,7 @@ from proxy.downstream import DownstreamProtocol
 from proxy.health import HealthChecker
 from proxy.inspect import ProxyView
 from proxy.errors import ConnectRefused, DestinationUnroutable, ProxyError
-from proxy.headers import new_request_id, status_line
+from proxy.headers import date_field, new_request_id, status_line
 from proxy.logs import log_event
 from proxy.pool import IdlePool, idle_expiry
 from proxy.router import Route, Router
@@ -187,7 +187,7 @@ class Proxy:
             connection = b"Connection: keep-alive\r\n"
         else:
             connection = b""
-        head = b"".join((status_line(info.status),
+        head = b"".join((status_line(info.status), date_field(),
                          b"Content-Type: ", ctype, b"\r\n",
                          b"Content-Length: ", str(len(body)).encode(), b"\r\n",
                          b"Cache-Control: no-store\r\n",

@@ -46,6 +46,7 @@ async def test_failure_is_named(upstream, gateway, mode, status, token, lo, hi):
     assert ps["error"] == token
     assert ps["next-hop"] == up.address
     assert reply.header("x-request-id")
+    assert reply.header("date")  # RFC 9110 §6.6.1: gatewise has a clock
     body = orjson.loads(reply.body)
     assert body["status"] == status and body["error"] == token
     assert body["request_id"] == reply.header("x-request-id")

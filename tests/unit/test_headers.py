@@ -151,3 +151,15 @@ def test_connection_named_headers_are_dropped_whatever_their_length():
     p = plan(headers=[(b"Content-Length", b"1"), (b"Connection", b"X-Internal-Debug-Field"),
                       (b"X-Internal-Debug-Field", b"1"), (b"Server", b"s")])
     assert b"X-Internal-Debug-Field" not in p.head and b"Server: s" in p.head
+
+
+def test_date_is_added_to_a_forwarded_response_without_one():
+    """RFC 9110 §6.6.1: a proxy with a clock adds Date when the upstream sent none."""
+    from email.utils import parsedate_to_datetime
+
+    out = lines(plan(headers=[(b"Content-Length", b"1")]).head)
+    (date,) = [x for x in out if x.startswith(b"Date: ")]
+    assert parsedate_to_datetime(date[6:].decode()).tzinfo is not None
+    kept = lines(plan(headers=[(b"Content-Length", b"1"), (b"Date", b"Tue, 01 Jan 2030 00:00:00 GMT")]).head)
+    assert [x for x in kept if x.startswith(b"Date: ")] == [b"Date: Tue, 01 Jan 2030 00:00:00 GMT"]
+    assert not any(x.startswith(b"Date: ") for x in lines(plan(status=100).head))
