@@ -26,7 +26,7 @@ import traceback
 from time import perf_counter
 
 from proxy.codec import make_response_parser
-from proxy.errors import (AfterHead, BodyReadTimeout, TlsProtocolError, ConnectionTerminated, ConnectRefused, ConnectTimeout,
+from proxy.errors import (BodyReadTimeout, TlsProtocolError, ConnectionTerminated, ConnectRefused, ConnectTimeout,
                           DestinationUnroutable, LocalConnectError, ProxyError, ResponseIncomplete, ResponseTimeout,
                           UpstreamProtocolError, WriteTimeout)
 from proxy.flow import HIGH_WATER, LOW_WATER, Deadline
@@ -145,9 +145,7 @@ class UpstreamConnection(asyncio.Protocol):
                 return
         try:
             rest = self._parser.feed(data)
-        except ProxyError as exc:
-            if self.head_seen and not isinstance(exc, AfterHead):
-                exc = ResponseIncomplete(f"invalid response body: {exc.detail}")
+        except ProxyError as exc:  # after the head, the exchange makes it http_response_incomplete
             exc.upstream = self.server.address
             self.fail(exc)
             return
