@@ -561,3 +561,41 @@ def to_dict(cfg: ProxyConfig, *, redact: bool = True) -> dict:
     return {"listen": listen, "admin": admin, "timeouts": plain(cfg.timeouts), "limits": plain(cfg.limits),
             "diagnostics": plain(cfg.diagnostics), "pools": pools,
             "routes": [plain(r) for r in cfg.routes], "source": cfg.source}
+
+
+# -- writing a config dict back as TOML (gatewise demo's temp file, the tests) ---------
+
+def _toml_scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)   # a JSON string with these characters is a valid TOML basic string
+    raise TypeError(f"no TOML for {v!r}")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    """The config dict (scalars, tables, arrays of tables) as a TOML document."""
+    out: list[str] = []
+
+    def table(path: list[str], t: Mapping[str, Any], header: str | None) -> None:
+        scalars = [(k, v) for k, v in t.items() if not isinstance(v, (Mapping, list))]
+        if header is not None:
+            out.extend(["", header] if out else [header])
+        out.extend(f"{_toml_key(k)} = {_toml_scalar(v)}" for k, v in scalars)
+        for k, v in t.items():
+            sub = [*path, _toml_key(k)]
+            if isinstance(v, Mapping):
+                only_tables = bool(v) and all(isinstance(x, Mapping) for x in v.values())
+                table(sub, v, None if only_tables else f"[{'.'.join(sub)}]")
+            elif isinstance(v, list):
+                for item in v:
+                    table(sub, item, f"[[{'.'.join(sub)}]]")
+
+    table([], data, None)
+    return "\n".join(out) + "\n"

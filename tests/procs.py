@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from proxy.config import to_toml
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -223,32 +225,14 @@ class FaultProc(_Child):
         return f"http://127.0.0.1:{self.port}"
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)   # a JSON string is a valid TOML basic string for our values
-    raise TypeError(f"no TOML for {v!r}")
-
-
 def write_config(path: Path, servers: list[str], *, pool: dict | None = None, **sections: dict) -> Path:
     """A TOML config: listen (and admin) on 127.0.0.1:0, one pool "app" of these server URLs,
     the implicit catch-all route; `sections` add or override tables ({"timeouts": {...}})."""
-    tables: dict[str, dict] = {"listen": {"address": "127.0.0.1:0"}, "admin": {"address": "127.0.0.1:0"}}
+    data: dict = {"listen": {"address": "127.0.0.1:0"}, "admin": {"address": "127.0.0.1:0"}}
     for name, table in sections.items():
-        tables.setdefault(name, {}).update(table)
-    out = []
-    for name, table in tables.items():
-        out.append(f"[{name}]")
-        out += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-        out.append("")
-    out.append("[pools.app]")
-    out += [f"{k} = {_toml_value(v)}" for k, v in (pool or {}).items()]
-    for url in servers:
-        out += ["", "[[pools.app.servers]]", f"url = {_toml_value(url)}"]
-    path.write_text("\n".join(out) + "\n")
+        data.setdefault(name, {}).update(table)
+    data["pools"] = {"app": {**(pool or {}), "servers": [{"url": url} for url in servers]}}
+    path.write_text(to_toml(data))
     return path
 
 

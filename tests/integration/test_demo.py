@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from proxy.config import parse_config
-from proxy.demo import to_toml
+from proxy.config import to_toml
 from tests.conftest import http
 from tests.procs import ROOT, ProxyProc, spawned  # noqa: F401  (spawned: fixture)
 
