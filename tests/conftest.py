@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 import h11
@@ -120,33 +121,51 @@ class Reply:
         return {}
 
 
-async def read_reply(reader: asyncio.StreamReader, method: str = "GET", timeout: float = 10.0) -> Reply:
-    """Read one response with h11 as the strict reference parser."""
-    conn = h11.Connection(h11.CLIENT)
-    conn.send(h11.Request(method=method, target="/", headers=[("Host", "t")]))
-    conn.send(h11.EndOfMessage())
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    status, headers, body, trailers = 0, [], bytearray(), []
-    async with asyncio.timeout(timeout):
+class ReplyReader:
+    """One response parsed with h11 (the strict reference) from bytes the caller feeds:
+    `poll()` returns the Reply, or None when it needs more (`conn.receive_data`, b"" = EOF).
+    Pass the previous reader's `conn` to read the next pipelined response."""
+
+    def __init__(self, method: str = "GET", conn: h11.Connection | None = None) -> None:
+        if conn is None:
+            conn = h11.Connection(h11.CLIENT)
+        else:
+            conn.start_next_cycle()
+        # tell h11 what was asked, so it frames the answer (HEAD, 1xx)
+        conn.send(h11.Request(method=method, target="/", headers=[("Host", "t")]))
+        conn.send(h11.EndOfMessage())
+        self.conn = conn
+        self.informational: list[int] = []
+        self._status, self._headers, self._body = 0, [], bytearray()
+        self._start = time.monotonic()
+
+    def poll(self) -> Reply | None:
         while True:
-            event = conn.next_event()
+            event = self.conn.next_event()
             if event is h11.NEED_DATA:
-                conn.receive_data(await reader.read(65536))
-                continue
+                return None
             if isinstance(event, h11.InformationalResponse):
-                continue
-            if isinstance(event, h11.Response):
-                status = event.status_code
-                headers = [(n.decode(), v.decode("latin-1")) for n, v in event.headers]
+                self.informational.append(event.status_code)
+            elif isinstance(event, h11.Response):
+                self._status = event.status_code
+                self._headers = [(n.decode(), v.decode("latin-1")) for n, v in event.headers]
             elif isinstance(event, h11.Data):
-                body += event.data
+                self._body += event.data
             elif isinstance(event, h11.EndOfMessage):
                 trailers = [(n.decode(), v.decode("latin-1")) for n, v in event.headers]
-                break
+                return Reply(self._status, self._headers, bytes(self._body), trailers,
+                             time.monotonic() - self._start)
             elif isinstance(event, h11.ConnectionClosed):
                 raise ConnectionError("closed before a complete response")
-    return Reply(status, headers, bytes(body), trailers, loop.time() - start)
+
+
+async def read_reply(reader: asyncio.StreamReader, method: str = "GET", timeout: float = 10.0) -> Reply:
+    """Read one response with h11 as the strict reference parser."""
+    rr = ReplyReader(method)
+    async with asyncio.timeout(timeout):
+        while (reply := rr.poll()) is None:
+            rr.conn.receive_data(await reader.read(65536))
+    return reply
 
 
 def build_request(method: str = "GET", path: str = "/", headers: list[tuple[str, str]] | None = None,

@@ -17,11 +17,10 @@ import asyncio
 import hashlib
 import os
 
-import h11
 import orjson
 import pytest
 
-from tests.conftest import Client, Reply, build_request, http, raw_exchange
+from tests.conftest import Client, Reply, ReplyReader, build_request, http, raw_exchange
 
 # --------------------------------------------------------------------------------------
 # helpers
@@ -50,33 +49,15 @@ class Conn:
         return await self.reply(method, timeout)
 
     async def reply(self, method: str = "GET", timeout: float = 10.0) -> Reply:
-        conn = h11.Connection(h11.CLIENT)
-        conn.send(h11.Request(method=method, target="/", headers=[("Host", "t")]))
-        conn.send(h11.EndOfMessage())
+        rr = ReplyReader(method)
         if self.buf:
-            conn.receive_data(self.buf)
-            self.buf = b""
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        status, headers, body = 0, [], bytearray()
+            rr.conn.receive_data(self.buf)
         async with asyncio.timeout(timeout):
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await self.reader.read(65536))
-                elif isinstance(event, h11.InformationalResponse):
-                    self.informational.append(event.status_code)
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                    headers = [(n.decode(), v.decode("latin-1")) for n, v in event.headers]
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                elif isinstance(event, h11.EndOfMessage):
-                    trailers = [(n.decode(), v.decode("latin-1")) for n, v in event.headers]
-                    self.buf = bytes(conn.trailing_data[0])
-                    return Reply(status, headers, bytes(body), trailers, loop.time() - start)
-                elif isinstance(event, h11.ConnectionClosed):
-                    raise ConnectionError("closed before a complete response")
+            while (reply := rr.poll()) is None:
+                rr.conn.receive_data(await self.reader.read(65536))
+        self.informational += rr.informational
+        self.buf = bytes(rr.conn.trailing_data[0])
+        return reply
 
     async def closed_by_peer(self, timeout: float = 5.0) -> bool:
         """True when the proxy closes the connection (EOF) with nothing more to read."""

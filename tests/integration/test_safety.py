@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import asyncio
 
-import h11
 import pytest
 
 from tests.rawclient import Raw, eventually, forward_tasks
-from tests.conftest import Reply
+from tests.conftest import Reply, ReplyReader
 
 CODECS = ("llhttp", "h11")
 
@@ -40,33 +39,22 @@ async def exchange(port: int, data: bytes, timeout: float = 1.0) -> tuple[bytes,
 
 def parse_replies(data: bytes, methods: tuple[str, ...] = ("GET",)) -> list[Reply]:
     """Parse consecutive responses strictly with h11 (one per method); raises on garbage."""
-    conn = h11.Connection(h11.CLIENT)
-    conn.receive_data(data)
-    eof_fed = False
     replies: list[Reply] = []
+    conn = None
+    eof_fed = False
     for method in methods:
-        if replies:
-            conn.start_next_cycle()
-        conn.send(h11.Request(method=method, target="/", headers=[("Host", "t")]))
-        conn.send(h11.EndOfMessage())
-        status, headers, body = 0, [], bytearray()
-        while True:
-            event = conn.next_event()
-            if isinstance(event, h11.Response):
-                status = event.status_code
-                headers = [(n.decode(), v.decode("latin-1")) for n, v in event.headers]
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            elif isinstance(event, h11.InformationalResponse):
-                continue
-            elif event is h11.NEED_DATA and not eof_fed:
-                conn.receive_data(b"")  # nothing more came before the proxy closed
-                eof_fed = True
-            else:
-                raise AssertionError(f"incomplete response in {data[:200]!r}: {event!r}")
-        replies.append(Reply(status, headers, bytes(body)))
+        rr = ReplyReader(method, conn)
+        if conn is None:
+            rr.conn.receive_data(data)
+        reply = rr.poll()
+        if reply is None and not eof_fed:
+            rr.conn.receive_data(b"")  # nothing more came before the proxy closed
+            eof_fed = True
+            reply = rr.poll()
+        if reply is None:
+            raise AssertionError(f"incomplete response in {data[:200]!r}")
+        replies.append(reply)
+        conn = rr.conn
     return replies
 
 
