@@ -39,7 +39,7 @@ JSON_TYPE = "application/json"  # RFC 8259 §11: no charset parameter
 HTML_TYPE = "text/html; charset=utf-8"
 _ALLOWED = ("GET", "HEAD")
 ENDPOINTS = ("/debug", "/debug/upstreams", "/debug/requests", "/debug/requests/{request_id}",
-             "/debug/config", "/debug/doctor", "/metrics", "/healthz", "/readyz")
+             "/debug/config", "/debug/doctor", "/debug/workers", "/metrics", "/healthz", "/readyz")
 
 
 class AdminSources(Protocol):
@@ -53,6 +53,13 @@ class AdminSources(Protocol):
     def ready(self) -> bool: ...
     def doctor(self) -> dict | None: ...  # may also return an awaitable of that
     def out_reasons(self) -> dict[str, str]: ...  # server url -> why it takes no traffic
+    def workers(self) -> list[dict]: ...  # the processes serving traffic
+    # upstreams, requests, request, metrics, workers and doctor may return an awaitable
+    # (with listen.workers > 1 they ask every worker)
+
+
+async def _value(result):
+    return await result if inspect.isawaitable(result) else result
 
 
 # ---- responses -----------------------------------------------------------------------------
@@ -153,14 +160,17 @@ def make_app(sources: AdminSources) -> web.Application:
                           "details": f"{type(exc).__name__}: {exc}"}, status=500)
 
     async def upstreams(_: web.Request) -> web.Response:
-        return _json(sources.upstreams())
+        return _json(await _value(sources.upstreams()))
 
     async def requests(_: web.Request) -> web.Response:
-        return _json(sources.requests())
+        return _json(await _value(sources.requests()))
+
+    async def workers(_: web.Request) -> web.Response:
+        return _json({"workers": await _value(sources.workers())})
 
     async def one_request(request: web.Request) -> web.Response:
         request_id = request.match_info["request_id"]
-        entry = sources.request(request_id)
+        entry = await _value(sources.request(request_id))
         if entry is None:
             return _json({"error": "unknown request id", "request_id": request_id,
                           "details": "only the most recent failed requests are kept "
@@ -172,25 +182,23 @@ def make_app(sources: AdminSources) -> web.Application:
         return _json(sources.config())
 
     async def doctor(_: web.Request) -> web.Response:
-        report = sources.doctor()
-        if inspect.isawaitable(report):
-            report = await report
+        report = await _value(sources.doctor())
         if report is None:
             return _json({"error": "doctor arrives in a later release"}, status=501)
         return _json(report)
 
     async def page(_: web.Request) -> web.Response:
         # The page also says why a server is out; /debug/upstreams keeps SPEC's exact shape.
-        upstreams = sources.upstreams()
+        upstreams = await _value(sources.upstreams())
         reasons = sources.out_reasons()
         for pool in upstreams.get("pools", {}).values():
             for server in pool.get("servers", []):
                 if server.get("url") in reasons:
                     server["reason"] = reasons[server["url"]]
-        return _text(render_debug_page(upstreams, sources.requests(), time.time()), HTML_TYPE)
+        return _text(render_debug_page(upstreams, await _value(sources.requests()), time.time()), HTML_TYPE)
 
     async def metrics(_: web.Request) -> web.Response:
-        return _text(render_metrics(sources.metrics()), METRICS_CONTENT_TYPE)
+        return _text(render_metrics(await _value(sources.metrics())), METRICS_CONTENT_TYPE)
 
     async def healthz(_: web.Request) -> web.Response:
         return _json({"status": "ok"})
@@ -203,7 +211,7 @@ def make_app(sources: AdminSources) -> web.Application:
     app[_SOURCES] = sources
     routes = {"/debug/upstreams": upstreams, "/debug/requests": requests,
               "/debug/requests/{request_id}": one_request, "/debug/config": config,
-              "/debug/doctor": doctor, "/debug": page, "/debug/": page, "/metrics": metrics,
+              "/debug/doctor": doctor, "/debug/workers": workers, "/debug": page, "/debug/": page, "/metrics": metrics,
               "/healthz": healthz, "/readyz": readyz}
     for path, handler in routes.items():
         app.router.add_get(path, handler)  # add_get also answers HEAD

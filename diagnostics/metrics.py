@@ -151,8 +151,10 @@ def render_metrics(m: dict) -> str:
          "request_latency": {"counts": [per bucket, +Inf last], "sum": s, "count": n},
          "servers": [{"address", "state", "responses_by_class": {"2xx": n, ...},
                       "failures_by_error": {"<token>": n}, "latency": {...},
-                      "checks": {"pass": n, "fail": n}}]}}}
+                      "checks": {"pass": n, "fail": n}}]}},
+     "workers": [{"index", "alive", "restarts", "client_connections", "requests_total"}]}
     ```
+    "workers" is there only with listen.workers > 1.
     """
     bounds = tuple(m.get("buckets") or DEFAULT_BUCKETS)
     pools = m.get("pools") or {}
@@ -233,6 +235,23 @@ def render_metrics(m: dict) -> str:
                "Requests retried on a fresh connection after a pooled keep-alive connection "
                "was found closed by the upstream.")
     out.sample("gatewise_keepalive_race_retries_total", (), m.get("keepalive_race_retries_total", 0))
+
+    workers = m.get("workers")
+    if workers:  # listen.workers > 1: the processes behind the sums above
+        out.family("gatewise_workers", "gauge", "Worker processes running.")
+        out.sample("gatewise_workers", (), sum(1 for w in workers if w.get("alive")))
+        out.family("gatewise_worker_restarts_total", "counter",
+                   "Times the supervisor restarted a worker that died.")
+        for w in workers:
+            out.sample("gatewise_worker_restarts_total", [("worker", w.get("index"))], w.get("restarts", 0))
+        out.family("gatewise_worker_client_connections", "gauge", "Open client connections, by worker.")
+        for w in workers:
+            out.sample("gatewise_worker_client_connections", [("worker", w.get("index"))],
+                       w.get("client_connections"))
+        out.family("gatewise_worker_requests_total", "counter",
+                   "Responses received from upstream servers, by worker (since the worker started).")
+        for w in workers:
+            out.sample("gatewise_worker_requests_total", [("worker", w.get("index"))], w.get("requests_total"))
 
     out.lines.append("")
     return "\n".join(out.lines)

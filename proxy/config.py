@@ -13,8 +13,8 @@ Rules:
 - No `[[routes]]`: with exactly one pool an implicit catch-all route (host "*", prefix "/").
 - Relative `ca_file` paths are resolved against the config file's directory, so a config
   works the same whatever the current directory is; the stored path is absolute.
-- Beyond SPEC, caught here rather than at start: admin on the listen port, port 0 with
-  workers > 1, `ca_file`/`sni` on an http:// server, a port in a route host, duplicate servers.
+- Beyond SPEC, caught here rather than at start: admin on the listen port,
+  `ca_file`/`sni` on an http:// server, a port in a route host, duplicate servers.
 - Problem lines end with `got <value>` as the user wrote it, when there is a value to show.
 - Loading has no side effects beyond reading the config file (and checking `ca_file` exists).
 """
@@ -445,9 +445,6 @@ class _Loader:
             # the second bind would fail at start; say so now, naming both keys
             listen_key = self.labels.get("listen.address", "listen.address")
             self.problem("admin.address", f"same port as {listen_key}")
-        if listen and listen.port == 0 and listen.workers > 1:
-            # each worker would bind its own random port instead of sharing one (SO_REUSEPORT)
-            self.problem("listen.workers", "must be 1 when listen.address has port 0")
 
         pools_table = self.table(data.get("pools", {}), "pools")
         if pools_table == {}:

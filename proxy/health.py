@@ -66,10 +66,11 @@ class _Probe:
 
 
 class HealthChecker:
-    def __init__(self, proxy, pool, cfg) -> None:
+    def __init__(self, proxy, pool, cfg, on_probe=None) -> None:
         self.proxy = proxy
         self.pool = pool
         self.cfg = cfg
+        self.on_probe = on_probe  # (pool, server) after every probe: the supervisor tells its workers
         self._timeouts = _ProbeTimeouts(cfg.timeout)
         self._tasks: list[asyncio.Task] = []
         self._rng = random.Random()
@@ -111,6 +112,8 @@ class HealthChecker:
         if change is not None:
             log_event("server_state", pool=self.pool.name, server=server.address, old=str(change[0]),
                       new=str(change[1]), by="health_check", error=error, details=details)
+        if self.on_probe is not None:
+            self.on_probe(self.pool, server)
 
     async def _get(self, server) -> int:
         loop = self.proxy.loop

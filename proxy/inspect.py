@@ -3,10 +3,13 @@ AdminSources). The admin app is handed this object and never imports proxy (STYL
 
 from __future__ import annotations
 
+import os
 import time
 
 from diagnostics.metrics import DEFAULT_BUCKETS
 from proxy.config import to_dict
+
+STARTED_AT = time.time()
 
 
 class ProxyView:
@@ -38,6 +41,13 @@ class ProxyView:
 
     def request(self, request_id: str) -> dict | None:
         return self._proxy.recorder.get(request_id)
+
+    def workers(self) -> list[dict]:
+        """One process serves everything (listen.workers = 1)."""
+        proxy = self._proxy
+        requests = sum(sum(s.responses_by_class) for pool in proxy.pools.values() for s in pool.servers)
+        return [{"index": 0, "pid": os.getpid(), "alive": True, "started_at": round(STARTED_AT, 3),
+                 "restarts": 0, "client_connections": len(proxy.connections), "requests_total": requests}]
 
     def config(self) -> dict:
         return to_dict(self._proxy.cfg, redact=True)

@@ -12,8 +12,13 @@ import time
 import orjson
 
 
+# Fields added to every line of this process (a worker adds {"worker": index}).
+context: dict = {}
+
+
 def log_event(event: str, **fields) -> None:
     record = {"ts": round(time.time(), 3), "event": event}
+    record.update(context)
     record.update(fields)
     try:
         sys.stderr.buffer.write(orjson.dumps(record, default=str) + b"\n")

@@ -42,7 +42,7 @@ class PoolRuntime:
     __slots__ = ("name", "cfg", "servers", "balancer", "retries", "retry_non_idempotent", "idle",
                  "request_latency", "tls", "max_connections", "in_flight")
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, make_server=None) -> None:
         self.name = cfg.name
         self.cfg = cfg
         passive = cfg.passive
@@ -52,7 +52,11 @@ class PoolRuntime:
                               max_fails=passive.max_fails if passive else 0,
                               fail_window=passive.fail_window if passive else 10.0,
                               eject_for=passive.eject_for if passive else 30.0)
-        self.servers = [ServerState(s.url, s.host, s.port, s.weight, s.backup, policy) for s in cfg.servers]
+        if make_server is None:  # one process: the states live here
+            self.servers = [ServerState(s.url, s.host, s.port, s.weight, s.backup, policy) for s in cfg.servers]
+        else:  # a worker: the supervisor owns health (proxy/cluster.py)
+            self.servers = [make_server(cfg.name, i, s.url, s.host, s.port, s.weight, s.backup, policy=policy)
+                            for i, s in enumerate(cfg.servers)]
         self.balancer = make_balancer(cfg.balance, self.servers)
         self.retries = cfg.retries
         self.retry_non_idempotent = cfg.retry_non_idempotent
@@ -82,13 +86,14 @@ class PoolRuntime:
 class Proxy:
     """Shared state of one running proxy."""
 
-    def __init__(self, cfg: ProxyConfig, loop: asyncio.AbstractEventLoop, lookup=None) -> None:
+    def __init__(self, cfg: ProxyConfig, loop: asyncio.AbstractEventLoop, lookup=None,
+                 make_server=None) -> None:
         self.cfg = cfg
         self.loop = loop
         self.resolver = Resolver(loop, lookup)
         self.parser_kind = resolve_parser(cfg.listen.parser)
         self.router = Router([Route(r.host, r.path_prefix, r.pool, r.strip_prefix) for r in cfg.routes])
-        self.pools = {name: PoolRuntime(p) for name, p in cfg.pools.items()}
+        self.pools = {name: PoolRuntime(p, make_server) for name, p in cfg.pools.items()}
         self.recorder = Recorder(cfg.diagnostics.recent_requests)
         name = cfg.diagnostics.proxy_name
         self.proxy_name = name
@@ -249,17 +254,30 @@ class Server:
         self.stopped = asyncio.Event()
 
     async def start(self) -> "Server":
+        self.proxy = self._new_proxy(self.cfg, asyncio.get_running_loop())
+        await self._listen(self.cfg.listen.port)
+        self._start_checks()
+        await self._start_admin()
+        return self
+
+    def _new_proxy(self, cfg: ProxyConfig, loop) -> Proxy:
+        return Proxy(cfg, loop, self._lookup)
+
+    async def _listen(self, port: int, *, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
-        self.proxy = Proxy(self.cfg, loop, self._lookup)
         self._server = await loop.create_server(lambda: DownstreamProtocol(self.proxy),
-                                                self.cfg.listen.host, self.cfg.listen.port,
-                                                backlog=1024, reuse_address=True)
+                                                self.cfg.listen.host, port, backlog=1024,
+                                                reuse_address=True, reuse_port=reuse_port or None)
         sock = self._server.sockets[0]
         self.host, self.port = sock.getsockname()[:2]
+
+    def _start_checks(self) -> None:
         self._checkers = [HealthChecker(self.proxy, pool, pool.cfg.health)
                           for pool in self.proxy.pools.values() if pool.cfg.health is not None]
         for checker in self._checkers:
             checker.start()
+
+    async def _start_admin(self) -> None:
         admin = self.cfg.admin
         try:
             self.admin = await start_admin(ProxyView(lambda: self.proxy), admin.host, admin.port)
@@ -268,7 +286,6 @@ class Server:
             raise
         if warning := admin_warning(admin.host, admin.token):
             log_event("warning", message=warning)
-        return self
 
     @property
     def address(self) -> str:
@@ -288,16 +305,13 @@ class Server:
         if cfg.admin.address != self.cfg.admin.address:
             notes.append(f"admin.address stays {self.admin.address if self.admin else '-'} until a restart")
         old = self.proxy
-        new = Proxy(cfg, old.loop, self._lookup)
+        new = self._new_proxy(cfg, old.loop)
         new.recorder = old.recorder
         new.recorder.size = cfg.diagnostics.recent_requests
         for checker in self._checkers:
             await checker.stop()
         self.proxy, self.cfg = new, cfg
-        self._checkers = [HealthChecker(new, pool, pool.cfg.health)
-                          for pool in new.pools.values() if pool.cfg.health is not None]
-        for checker in self._checkers:
-            checker.start()
+        self._start_checks()
         self._retired = [p for p in self._retired if p.connections] + [old]
         old.draining = True  # what the old runtime still releases is closed, not pooled
         for conn in list(old.connections):
@@ -346,6 +360,10 @@ def run_forever(cfg: ProxyConfig, reload_config=None) -> int:
     """`gatewise run`: serve until SIGTERM/SIGINT, then drain gracefully. SIGHUP reloads
     with `reload_config()` (which raises ConfigError for a bad file: the running config
     keeps serving, and the problems are logged)."""
+    if cfg.listen.workers > 1:
+        from proxy.supervisor import run_supervisor
+
+        return run_supervisor(cfg, reload_config)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio still works
@@ -392,8 +410,6 @@ def run_forever(cfg: ProxyConfig, reload_config=None) -> int:
         log_event("listening", address=server.address, admin=server.admin.address, parser=proxy.parser_kind,
                   pools={n: [s.url for s in p.servers] for n, p in proxy.pools.items()},
                   config=cfg.source)
-        if cfg.listen.workers > 1:
-            log_event("warning", message="listen.workers > 1 is not supported yet; running one worker")
         await stop.wait()
         log_event("draining", grace_s=server.cfg.timeouts.shutdown_grace,
                   connections=len(server.proxy.connections))

@@ -88,6 +88,9 @@ class LatencyWindow:
         that fails fast (a refusing server would otherwise look like the fastest)."""
         self.ewma_ms = max(self.ewma_ms * 2, self.PENALTY_MS)
 
+    def samples(self) -> list[float]:
+        return self._ring[:self._count].tolist()
+
     def percentiles(self) -> dict[str, float | None]:
         if not self._count:
             return {"p50": None, "p99": None}
@@ -210,9 +213,13 @@ class ServerState:
         self.latency.add(head_seconds * 1000)
         self.upstream_latency.observe(head_seconds)
         if trial and self.state is State.EJECTED:
-            self.trial = False
-            return self._to("trial_ok")
+            return self.on_trial_ok()
         return None
+
+    def on_trial_ok(self) -> Transition | None:
+        """The trial request of a cooled ejection got an answer: back in."""
+        self.trial = False
+        return self._to("trial_ok")
 
     def on_failure(self, token: str, details: str, now: float, trial: bool = False) -> Transition | None:
         """An upstream-caused failure on live traffic."""

@@ -1,0 +1,149 @@
+"""One worker process of `listen.workers > 1` (started by proxy/supervisor.py).
+
+A worker is the ordinary data plane with three differences:
+- it listens with SO_REUSEPORT on the port the supervisor reserved, so the kernel
+  spreads new connections over the workers;
+- it runs no health checks and decides no ejection: server states arrive from the
+  supervisor, and failures go back to it (cluster.SharedServerState);
+- it has no admin listener: it answers the supervisor's snapshot requests instead.
+
+It takes its config from the supervisor (first message; later ones are reloads), drains
+and exits 0 on SIGTERM/SIGINT, and does the same when the supervisor goes away (the
+channel closes), so a killed supervisor never leaves workers behind.
+
+    python -m proxy.worker --fd N --index I
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+
+from proxy import logs
+from proxy.channel import open_channel
+from proxy.cluster import apply_state, shared_servers
+from proxy.config import ConfigError, parse_config
+from proxy.inspect import ProxyView
+from proxy.logs import log_event
+from proxy.server import Proxy, Server
+
+
+class WorkerServer(Server):
+    def __init__(self, cfg, port: int, report) -> None:
+        super().__init__(cfg)
+        self._port = port
+        self._report = report
+
+    def _new_proxy(self, cfg, loop) -> Proxy:
+        return Proxy(cfg, loop, self._lookup, make_server=shared_servers(self._report))
+
+    async def start(self) -> "WorkerServer":
+        self.proxy = self._new_proxy(self.cfg, asyncio.get_running_loop())
+        await self._listen(self._port, reuse_port=True)
+        return self
+
+    def _start_checks(self) -> None:
+        pass  # the supervisor probes, once for all workers
+
+    def apply_states(self, entries: list) -> None:
+        proxy = self.proxy
+        now = proxy.loop.time()
+        for pool_name, index, state in entries:
+            pool = proxy.pools.get(pool_name)
+            if pool is not None and index < len(pool.servers):
+                apply_state(pool.servers[index], state, now)
+
+    def snapshot(self) -> dict:
+        """What the supervisor's admin listener sums over the workers."""
+        proxy = self.proxy
+        view = ProxyView(lambda: self.proxy)
+        upstreams = view.upstreams()
+        for name, pool in proxy.pools.items():
+            for entry, server in zip(upstreams["pools"][name]["servers"], pool.servers):
+                entry["latency_samples"] = server.latency.samples()
+        return {"pid": os.getpid(), "upstreams": upstreams, "metrics": view.metrics(),
+                "requests": view.requests()}
+
+
+def _config(message: dict):
+    return parse_config(message["config"], source=message.get("source"))
+
+
+async def serve(fd: int, index: int) -> int:
+    logs.context["worker"] = index
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    first: asyncio.Future = loop.create_future()
+    server: WorkerServer | None = None
+    reloads: list[asyncio.Task] = []
+
+    async def reload(message: dict) -> None:
+        try:
+            cfg = _config(message)
+        except ConfigError as exc:  # the supervisor validated it: only a bug gets here
+            log_event("reload_rejected", problems=exc.problems)
+            return
+        notes = await server.reload(cfg)
+        server.apply_states(message["states"])
+        channel.send({"t": "reloaded", "notes": notes})
+
+    def on_message(message: dict) -> None:
+        kind = message["t"]
+        if kind == "config":
+            if not first.done():
+                first.set_result(message)
+            else:
+                reloads.append(loop.create_task(reload(message)))
+        elif server is None or server.proxy is None:
+            return  # still starting; the supervisor resends states with every config
+        elif kind == "states":
+            server.apply_states(message["servers"])
+        elif kind == "snapshot":
+            channel.send({"t": "snapshot", "id": message["id"], "data": server.snapshot()})
+
+    def on_closed() -> None:  # the supervisor is gone: finish what is in flight and go
+        stop.set()
+        if not first.done():
+            first.cancel()
+
+    channel = await open_channel(socket.socket(fileno=fd), on_message, on_closed)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # reloads come through the supervisor
+    try:
+        message = await first
+    except asyncio.CancelledError:
+        return 1
+    server = WorkerServer(_config(message), message["port"], channel.send)
+    try:
+        await server.start()
+    except OSError as exc:
+        log_event("listen_failed", address=server.cfg.listen.address, error=str(exc))
+        return 1
+    server.apply_states(message["states"])
+    channel.send({"t": "ready", "pid": os.getpid()})
+    await stop.wait()
+    await server.stop()
+    for task in reloads:
+        task.cancel()
+    channel.close()
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m proxy.worker")
+    parser.add_argument("--fd", type=int, required=True, help="the channel socket, inherited")
+    parser.add_argument("--index", type=int, required=True)
+    args = parser.parse_args()
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.run(serve(args.fd, args.index))
+    return uvloop.run(serve(args.fd, args.index))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
