@@ -437,7 +437,7 @@ http {{
         self._start_nginx("backend", conf, port, self.load_cpu)
         return self.backend
 
-    def start_gatewise(self, name: str, src: Path) -> Target:
+    def start_gatewise(self, name: str, src: Path, workers: int = 1) -> Target:
         self._n += 1
         tag = f"gatewise{self._n}"
         (self.tmp / tag).mkdir()
@@ -449,6 +449,7 @@ http {{
         cfg.write_text(f"""
 [listen]
 address = "127.0.0.1:0"
+workers = {workers}
 
 [admin]
 address = "127.0.0.1:0"
@@ -463,8 +464,10 @@ path = "/health"
 url = "http://127.0.0.1:{self.backend.port}"
 """)
         log = self.tmp / tag / "stderr.log"
-        proc = self._spawn(self.pin(self.proxy_cpu) + [self.python, "-m", "proxy", "run", "-c", str(cfg)], log,
-                           cwd=src, env=_env(src))
+        # workers > 1 is about using more than one core: the supervisor and its workers are
+        # not pinned (they share the machine with the backend and wrk)
+        pin = self.pin(self.proxy_cpu) if workers == 1 else []
+        proc = self._spawn(pin + [self.python, "-m", "proxy", "run", "-c", str(cfg)], log, cwd=src, env=_env(src))
         m = _wait_log(log, r'"event":\s*"listening".*?"address":\s*"127\.0\.0\.1:(\d+)".*?'
                            r'"admin":\s*"127\.0\.0\.1:(\d+)"', proc, name)
         port, admin = int(m[1]), int(m[2])
@@ -472,7 +475,7 @@ url = "http://127.0.0.1:{self.backend.port}"
         if metrics.status != 200:
             raise BenchError(f"{name}: admin /metrics answered {metrics.status}")
         return Target(name, "gatewise", port, proc, {"src": str(src), "commit": _commit(src), "admin_port": admin,
-                                                    "config": cfg.read_text()})
+                                                    "workers": workers, "config": cfg.read_text()})
 
     def start_nginx_proxy(self) -> Target:
         port = _free_port()
@@ -783,9 +786,10 @@ def main(argv: list[str] | None = None) -> int:
                         "every target also gets 1 s of GET / c50 after it starts")
     p.add_argument("--scenario", action="append", choices=[s.name for s in SCENARIOS],
                    help="run only this scenario (repeatable; default: all)")
-    p.add_argument("--targets", default="direct,gatewise,nginx,haproxy",
-                   help="comma-separated subset of direct,gatewise,nginx,haproxy (default: all; haproxy "
-                        "only when installed)")
+    p.add_argument("--targets", default="direct,gatewise,gatewise-w2,nginx,haproxy",
+                   help="comma-separated subset of direct,gatewise,gatewise-w2,nginx,haproxy (default: all; "
+                        "gatewise-w2 is gatewise with listen.workers = 2, not pinned; haproxy only when "
+                        "installed)")
     p.add_argument("--src", action="append", type=Path, metavar="DIR",
                    help="run gatewise from this tree (repeatable; default: this checkout)")
     p.add_argument("--idle", type=int, default=10000,
@@ -801,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
     scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
     wanted = {t.strip() for t in args.targets.split(",") if t.strip()}
-    unknown = wanted - {"direct", "gatewise", "nginx", "haproxy"}
+    unknown = wanted - {"direct", "gatewise", "gatewise-w2", "nginx", "haproxy"}
     if unknown:
         p.error(f"--targets: unknown {', '.join(sorted(unknown))}")
 
@@ -849,6 +853,8 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(backend)
         for name, src in zip(gw_names, srcs):
             targets.append(lab.start_gatewise(name, src))
+        if "gatewise-w2" in wanted:
+            targets.append(lab.start_gatewise("gatewise-w2", srcs[-1] if srcs else ROOT, workers=2))
         if "nginx" in wanted:
             targets.append(lab.start_nginx_proxy())
         if "haproxy" in wanted and "haproxy" in tools:
@@ -908,6 +914,8 @@ def main(argv: list[str] | None = None) -> int:
             fresh = []
             for name, src in zip(gw_names, srcs):
                 fresh.append(lambda name=name, src=src: lab.start_gatewise(name, src))
+            if "gatewise-w2" in names:
+                fresh.append(lambda: lab.start_gatewise("gatewise-w2", srcs[-1] if srcs else ROOT, workers=2))
             if "nginx" in names:
                 fresh.append(lab.start_nginx_proxy)
             if "haproxy" in names:
