@@ -150,8 +150,10 @@ class Supervisor:
                                   reason=f"still running {grace:g} s after SIGTERM")
                         handle.process.kill()
                 await asyncio.gather(*(h.process.wait() for h in self.workers if h.process is not None))
-        for task in list(self._watchers):
-            await asyncio.gather(task, return_exceptions=True)
+        if self._watchers:  # let each log its worker_stopped; one sleeping before a restart just ends
+            _, sleeping = await asyncio.wait(list(self._watchers), timeout=1.0)
+            for task in sleeping:
+                task.cancel()
         for checker in self._checkers:
             await checker.stop()
         if self.proxy is not None:
