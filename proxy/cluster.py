@@ -9,8 +9,8 @@ network order). What travels:
                            {"t": "snapshot", "id": n}
     worker -> supervisor   {"t": "ready", "pid": n}
                            {"t": "reloaded"}
-                           {"t": "failure", "pool", "server": index, "error", "details", "trial"}
-                           {"t": "trial_ok", "pool", "server": index}
+                           {"t": "failure", "pool", "server": index, "url", "error", "details", "trial"}
+                           {"t": "trial_ok", "pool", "server": index, "url"}
                            {"t": "snapshot", "id": n, "data": {...}}
 
 Who owns what: server health (active checks, and passive ejection counted across all
@@ -224,6 +224,6 @@ def shared_servers(report):
     def make(pool: str, index: int, *args, policy) -> SharedServerState:
         server = SharedServerState(*args, policy=dataclasses.replace(policy, max_fails=0))
         server.report = report
-        server.key = {"pool": pool, "server": index}
+        server.key = {"pool": pool, "server": index, "url": args[0]}
         return server
     return make

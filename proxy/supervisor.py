@@ -281,8 +281,8 @@ class Supervisor:
         """A worker's live traffic judged a server: the one passive state machine decides."""
         pool = self.proxy.pools.get(message["pool"])
         index = message["server"]
-        if pool is None or index >= len(pool.servers):
-            return  # from before a reload
+        if pool is None or index >= len(pool.servers) or pool.servers[index].url != message.get("url"):
+            return  # about a server of the config before a reload
         server = pool.servers[index]
         if message["t"] == "trial_ok":
             change = server.on_trial_ok() if server.state == "ejected" else None

@@ -40,8 +40,11 @@ class WorkerServer(Server):
     def _new_proxy(self, cfg, loop) -> Proxy:
         return Proxy(cfg, loop, self._lookup, make_server=shared_servers(self._report))
 
-    async def start(self) -> "WorkerServer":
+    async def start(self, states: list) -> "WorkerServer":
         self.proxy = self._new_proxy(self.cfg, asyncio.get_running_loop())
+        # Before the first connection, and with no await since the proxy appeared: from
+        # here on, serve() applies pushed states directly, so none can come in between.
+        self.apply_states(states)
         await self._listen(self._port, reuse_port=True)
         return self
 
@@ -79,15 +82,27 @@ async def serve(fd: int, index: int) -> int:
     first: asyncio.Future = loop.create_future()
     server: WorkerServer | None = None
     reloads: list[asyncio.Task] = []
+    # "states" pushed after a config message but before that config runs (the worker is
+    # still starting, or a reload task has not run yet). They are newer than the states
+    # the config message carries, so they are applied right after those. Dropping them
+    # (as before) lost every change made in that window: without active checks nothing
+    # pushes the server again, and a restarted worker kept using an ejected server.
+    held: list = []
+
+    def take_held() -> list:
+        out = list(held)
+        held.clear()
+        return out
 
     async def reload(message: dict) -> None:
         try:
             cfg = _config(message)
         except ConfigError as exc:  # the supervisor validated it: only a bug gets here
             log_event("reload_rejected", problems=exc.problems)
+            take_held()  # states of a config we do not run
             return
         notes = await server.reload(cfg)
-        server.apply_states(message["states"])
+        server.apply_states(message["states"] + take_held())
         channel.send({"t": "reloaded", "notes": notes})
 
     def on_message(message: dict) -> None:
@@ -97,10 +112,13 @@ async def serve(fd: int, index: int) -> int:
                 first.set_result(message)
             else:
                 reloads.append(loop.create_task(reload(message)))
-        elif server is None or server.proxy is None:
-            return  # still starting; the supervisor resends states with every config
         elif kind == "states":
-            server.apply_states(message["servers"])
+            if server is None or server.proxy is None or (reloads and not reloads[-1].done()):
+                held.extend(message["servers"])  # for a config not running yet: see `held`
+            else:
+                server.apply_states(message["servers"])
+        elif server is None or server.proxy is None:
+            return  # still starting: the supervisor asks for snapshots only once we are ready
         elif kind == "snapshot":
             channel.send({"t": "snapshot", "id": message["id"], "data": server.snapshot()})
 
@@ -119,11 +137,10 @@ async def serve(fd: int, index: int) -> int:
         return 1
     server = WorkerServer(_config(message), message["port"], channel.send)
     try:
-        await server.start()
+        await server.start(message["states"] + take_held())
     except OSError as exc:
         log_event("listen_failed", address=server.cfg.listen.address, error=str(exc))
         return 1
-    server.apply_states(message["states"])
     channel.send({"t": "ready", "pid": os.getpid()})
     await stop.wait()
     await server.stop()
