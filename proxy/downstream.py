@@ -1,6 +1,6 @@
 """The client side: one asyncio.Protocol per client connection.
 
-It drives the request codec, starts one forward() task per request, answers malformed
+It drives the request codec, hands each request to forward.py, answers malformed
 requests itself (400/408/413/431 with Proxy-Status), and owns the client's one timer:
     IDLE   keep-alive, waiting for a request     client_idle    -> close quietly
     HEAD   first bytes of a head seen            client_header  -> 408
@@ -23,7 +23,7 @@ from proxy.codec import make_request_parser
 from proxy.errors import BadRequest, ClientFault, ClientTimeout, ProxyError, RequestBodyTooLarge
 from proxy.exchange import Exchange
 from proxy.flow import HIGH_WATER, LOW_WATER, QUEUED, Deadline, ReadGate
-from proxy.forward import forward
+from proxy import forward
 from proxy.logs import log_event
 
 IDLE, HEAD, BUSY = "idle", "head", "busy"
@@ -42,7 +42,7 @@ class _Rejection:
 class DownstreamProtocol(asyncio.Protocol):
     __slots__ = ("proxy", "loop", "transport", "gate", "client_ip", "_parser", "_timer", "state",
                  "current", "receiving", "queue", "closing", "_wbuf", "_write_paused",
-                 "_closed", "_tunnel", "_refused_head", "_head_deadline", "_next_waits")
+                 "_closed", "_tunnel", "_refused_head", "_head_deadline", "_next_waits", "_flush_pending")
 
     def __init__(self, proxy) -> None:
         self.proxy = proxy
@@ -65,6 +65,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._refused_head: Exchange | None = None  # refused in on_request_head itself
         self._head_deadline = 0.0  # absolute: the head being read must be complete by then
         self._next_waits = False   # a pipelined request waits for the client to drain
+        self._flush_pending = False  # a flush is scheduled for the end of this loop iteration
 
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -125,8 +126,8 @@ class DownstreamProtocol(asyncio.Protocol):
         if proxy.draining and not proxy.connections:
             proxy.all_closed.set()
         ex = self.current
-        if ex is not None and ex.task is not None and not ex.task.done():
-            ex.task.cancel()  # forward() cleans up; it records only what is not yet recorded
+        if ex is not None:
+            forward.cancel(ex)  # forward.py cleans up; it records only what is not yet recorded
         if self._tunnel is not None:
             self._tunnel.detach()
         self.queue.clear()
@@ -161,9 +162,10 @@ class DownstreamProtocol(asyncio.Protocol):
             raise RequestBodyTooLarge(f"Content-Length {info.content_length} over "
                                       f"limits.max_request_body_bytes = {limit}")
         self.state = BUSY
-        self._rearm()
+        if not ex.body_complete:  # else on_request_end follows in this same feed and rearms
+            self._rearm()
         if self.current is None:
-            self._start(ex)
+            self._start(ex, fast=True)
         else:
             self.queue.append(ex)
             self.gate.pause(QUEUED)
@@ -181,13 +183,17 @@ class DownstreamProtocol(asyncio.Protocol):
         self._rearm()
 
     # -- serving -----------------------------------------------------------------------
-    def _start(self, ex: Exchange) -> None:
+    def _start(self, ex: Exchange, fast: bool) -> None:
         self.current = ex
-        ex.task = self.loop.create_task(forward(self.proxy, ex))
+        forward.start(self.proxy, ex, fast)
 
     def exchange_done(self, ex: Exchange) -> None:
-        """The whole response for `ex` has been handed to the transport."""
-        self.flush()
+        """The whole response for `ex` has been handed to the transport (or is queued
+        for the end of this loop iteration: see flush_soon)."""
+        if self.queue:
+            self.flush()  # whether the next request may start depends on this write
+        else:
+            self.flush_soon()
         if ex is not self.current:
             return
         self.current = None
@@ -216,7 +222,9 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         if not self.queue:
             self.gate.resume(QUEUED)
-        self._start(item)
+        # Never the fast path here: this runs inside the upstream's callbacks, and the
+        # connection they just released would be leased again before its parser returns.
+        self._start(item, fast=False)
 
     def send_error(self, ex: Exchange | None, exc: ProxyError) -> None:
         """Answer with a gatewise-generated error (never after a response head)."""
@@ -249,9 +257,8 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.proxy.record(ex, exc)
                 self.abort()
                 return
-            ex.finished = True  # tells forward() this cancellation is ours, not the client's
-            if ex.task is not None:
-                ex.task.cancel()
+            ex.finished = True  # tells forward.py this cancellation is ours, not the client's
+            forward.cancel(ex)
             ex.detach()
             self.queue.clear()
             self._answer_rejection(ex, exc)
@@ -311,6 +318,19 @@ class DownstreamProtocol(asyncio.Protocol):
             else:
                 self.transport.writelines(buf)
             self._wbuf = []
+
+    def flush_soon(self) -> None:
+        """Flush once the callbacks of this loop iteration have run: the responses that
+        end in one iteration then leave together, and the clients wake once for them
+        (measured with 50 keep-alive clients: less system time per request and more
+        requests per second than a write per response as it ends)."""
+        if self._wbuf and not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_pending = False
+        self.flush()
 
     def close(self) -> None:
         self.flush()

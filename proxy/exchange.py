@@ -1,8 +1,9 @@
 """One request/response exchange: the callback plumbing between a client connection
 (downstream.py) and the upstream connection of the current attempt (upstream_conn.py).
 
-Bytes move by plain method calls in both directions; the only await per request is in
-forward.py, which waits for `wait()` to finish or fail.
+Bytes move by plain method calls in both directions. The outcome of an attempt goes to
+whoever waits for it (forward.py): the forward() task's future from `begin()`, or, on
+the fast path, the Attempt in `fast` by plain calls (no task, no future).
 
 Rules:
 - The request body is framed once, as it arrives, and kept while it is small
@@ -32,7 +33,7 @@ class Exchange:
     __slots__ = ("client", "head", "info", "target", "started", "task", "conn", "_waiter",
                  "body_chunks", "body_size", "body_received", "body_complete", "replayable",
                  "committed", "finished", "framing", "keep_alive", "status", "attempts", "tunnel_rest",
-                 "pool", "head_at")
+                 "pool", "head_at", "head_bytes", "fast")
 
     def __init__(self, client, head, info: H.RequestInfo, started: float) -> None:
         self.client = client
@@ -59,6 +60,8 @@ class Exchange:
         self.tunnel_rest = b""  # client bytes after an Upgrade head, held until the 101
         self.pool = None  # the PoolRuntime it was routed to
         self.head_at = 0.0  # perf_counter when the final response head arrived
+        self.head_bytes = b""  # the head sent upstream (forward.py builds it once per exchange)
+        self.fast = None  # forward.Attempt when the fast path owns the attempt (no task waits)
 
     # -- request body, from the client ------------------------------------------------
     def on_client_body(self, data: bytes) -> None:
@@ -95,17 +98,22 @@ class Exchange:
     # -- attempts, from forward.py -------------------------------------------------------
     def begin(self, conn, head_bytes: bytes) -> asyncio.Future:
         """Send the request on conn; the future completes with the response or fails."""
-        self.conn = conn
         # the client's loop, not asyncio.get_running_loop(): on CPython 3.11 that costs a
         # getpid() syscall per call (measured: 7% of samples on the hot path)
         self._waiter = fut = self.client.loop.create_future()
-        body = b"".join(self.body_chunks)
+        self.send(conn, head_bytes)
+        return fut
+
+    def send(self, conn, head_bytes: bytes, later: bool = False) -> None:
+        """Send the request on conn (plus the body received so far); `later`: see
+        UpstreamConnection.begin."""
+        self.conn = conn
+        body = b"".join(self.body_chunks) if self.body_chunks else b""
         conn.begin(self, self.head.method, head_bytes + body if body else head_bytes, self.body_complete,
-                   self.head.upgrade)
+                   self.head.upgrade, later)
         if self.body_size > REPLAY_LIMIT:
             self._drop_replay()
         self.client.gate.resume(BUFFERING)
-        return fut
 
     def detach(self) -> None:
         """The attempt is over without a response (failure or cancellation)."""
@@ -124,7 +132,7 @@ class Exchange:
             if status == 101 and self.head.upgrade:
                 plan = H.plan_response(head, request_method=self.head.method,
                                        client_version=self.head.version, client_keep_alive=False,
-                                       request_id=self.info.request_id.encode(), via=proxy.via,
+                                       request_id=self.info.request_id_bytes, via=proxy.via,
                                        proxy_status=None)
                 self.committed = True
                 self.status = 101
@@ -139,7 +147,7 @@ class Exchange:
             proxy_status = proxy.received_status_member(conn.server.address, status)
         plan = H.plan_response(head, request_method=self.head.method, client_version=self.head.version,
                                client_keep_alive=self.keep_alive and not client.closing,
-                               request_id=self.info.request_id.encode(), via=proxy.via,
+                               request_id=self.info.request_id_bytes, via=proxy.via,
                                proxy_status=proxy_status)
         if plan.problem is not None:
             raise UnsupportedTransferCoding(plan.problem, upstream=conn.server.address)
@@ -168,7 +176,9 @@ class Exchange:
         self.client.gate.resume(PEER_FULL)
         # A declined Upgrade leaves the upstream unsure what follows: never pool it.
         self.client.proxy.release(conn, self.body_complete and not self.head.upgrade)
-        if self._waiter is not None and not self._waiter.done():
+        if self.fast is not None:
+            self.fast.on_end(self)
+        elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
         self.client.exchange_done(self)
 
@@ -180,7 +190,9 @@ class Exchange:
         if self.committed and isinstance(exc, AwaitingHead):
             exc = ResponseIncomplete(f"{exc.detail} (after the response head was forwarded)",
                                      upstream=exc.upstream)
-        if self._waiter is not None and not self._waiter.done():
+        if self.fast is not None:
+            self.fast.on_failed(self, exc)
+        elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(exc)
 
     # -- tunnel (Upgrade, RFC 9110 §7.8) ---------------------------------------------------

@@ -14,6 +14,21 @@ Retry rules (nginx proxy_next_upstream, Envoy retry policies, RFC 9110 §9.2.2):
   leased, so a non-idempotent request only meets the race when the close crosses our
   write on the wire, which nothing can prove harmless.)
 - The error reported is the last attempt's cause, with every attempt listed.
+
+Two ways to wait for an attempt, one set of rules:
+- The fast path (`start`): a request with nothing left to read is routed, picked and
+  leased in the client's callback; on an idle pooled connection it is sent from there and
+  finished from the upstream's callbacks (Exchange.on_upstream_end calls Attempt.on_end):
+  no task, no future. This is the common keep-alive case.
+- The forward() task: everything that has to wait (a connect, a retry, an error to
+  answer). The fast path hands its attempt over, as it stands (`begun`), when it needs a
+  connect or has failed; the task judges that failure like any other. An error before
+  any attempt (no route, no server...) is left to the task whole.
+Both paths record an attempt through the same Attempt methods, and unwind in the same
+order (attempt, then in_flight, then request latency), so each rule lives in one place.
+The pipelined requests queued behind a response always start in a task: they start from
+the upstream's callbacks, where the connection just released could be leased again
+before its parser has returned.
 """
 
 from __future__ import annotations
@@ -42,18 +57,146 @@ def _may_retry(exc: ProxyError, ex, retry_non_idempotent: bool) -> bool:
     return False
 
 
-async def forward(proxy, ex) -> None:
-    """Serve one exchange to completion: a forwarded response, or an error response."""
+class Attempt:
+    """One try of an exchange on one server: its connection and its bookkeeping, the same
+    whether a task or the upstream's callbacks (the fast path) wait for it."""
+
+    __slots__ = ("proxy", "pool", "server", "started", "trial", "conn", "failure", "race_retry")
+
+    def __init__(self, proxy, pool, server, now: float, started: float) -> None:
+        self.proxy = proxy
+        self.pool = pool
+        self.server = server
+        # perf_counter: durations are measured, not derived from loop ticks (ms under uvloop)
+        self.started = started
+        self.trial = server.on_attempt_start()
+        self.conn = proxy.lease(pool, server, now)  # None: a connect is needed
+        self.failure: ProxyError | None = None  # how the fast path's send failed, for the task to judge
+        self.race_retry = True
+
+    def keepalive_race(self, ex) -> bool:
+        """The keep-alive race (module docstring): True, once, when the failure was a close
+        or reset of a reused connection before any byte (never a timeout)."""
+        conn = self.conn
+        if (self.race_retry and conn.reused and not conn.bytes_seen and ex.replayable
+                and (ex.info.idempotent or self.pool.retry_non_idempotent)):
+            self.race_retry = False
+            self.proxy.recorder.keepalive_race_retries += 1
+            return True
+        return False
+
+    def succeeded(self, ex) -> None:
+        server = self.server
+        change = server.on_success(ex.status, ex.head_at - self.started, self.trial)
+        if change is not None:
+            _log_change(self.pool, server, change, "trial request")
+
+    def failed(self, ex, exc: ProxyError) -> None:
+        server = self.server
+        _note_attempt(ex, server, exc, perf_counter() - self.started)
+        info = INFO[classify(exc)]
+        if info.blames_upstream:
+            _log_change(self.pool, server, server.on_failure(info.token, exc.detail, self.proxy.loop.time(),
+                                                              self.trial),
+                        "passive", error=info.token, details=exc.detail)
+
+    def end(self, ex) -> None:
+        self.server.on_attempt_end(self.trial)
+        if not ex.finished:
+            ex.detach()
+
+    # -- the fast path: the exchange reports here instead of to a task -------------------
+    def on_end(self, ex) -> None:
+        """The response is complete (Exchange.on_upstream_end): what the task's unwinding
+        does after a success, in the same order."""
+        ex.fast = None
+        self.succeeded(ex)
+        self.end(ex)
+        self.pool.in_flight -= 1
+        _observe_latency(ex)
+
+    def on_failed(self, ex, exc: ProxyError) -> None:
+        """The attempt failed (Exchange.on_upstream_failed): the task decides what follows.
+        ex.fast stays set until the task runs, so a cancel() before that still ends it."""
+        self.failure = exc
+        ex.task = self.proxy.loop.create_task(forward(self.proxy, ex, self))
+
+
+def start(proxy, ex, fast: bool) -> None:
+    """Serve ex: on the fast path when `fast` allows it and it applies (module docstring),
+    else in a forward() task."""
+    if not (fast and ex.body_complete and not ex.head.upgrade and _start_now(proxy, ex)):
+        ex.task = proxy.loop.create_task(forward(proxy, ex))
+
+
+def _start_now(proxy, ex) -> bool:
+    """Route, pick and lease now; send on a leased connection, or hand the attempt to a
+    task to connect. False when nothing was started (an error to answer, no server): the
+    task then does it all. (Only requests with nothing left to read come here: a body
+    that arrives with its head leaves in the same write, from the task.)"""
+    now = proxy.loop.time()
+    try:
+        pool = _route(proxy, ex)
+        server = pool.balancer.pick(now)
+    except Exception:  # an error to answer, or a bug (500): the task meets it again and answers
+        return False
+    if server is None:
+        return False
+    pool.in_flight += 1
+    # begun in the callback that read the head: the exchange's start is the attempt's
+    at = Attempt(proxy, pool, server, now, ex.started)
+    ex.fast = at
+    if at.conn is None:  # a connect to wait for
+        ex.task = proxy.loop.create_task(forward(proxy, ex, at))
+    else:
+        # Written after this loop iteration's callbacks, as from a task: the requests read
+        # in one iteration then reach the upstreams together, which wake once for them
+        # (writing each at once cost more system time than the task it replaces saved).
+        ex.send(at.conn, ex.head_bytes, later=True)
+    return True
+
+
+def cancel(ex) -> None:
+    """Stop serving ex: the client is gone, or downstream answers the request itself (it
+    sets ex.finished first). The task is cancelled and unwinds; an attempt the fast path
+    still owns is ended here the same way."""
+    at = ex.fast
+    if at is not None:  # no task has taken it over (a task cancelled before it ran never does)
+        ex.fast = None
+        at.end(ex)
+        at.pool.in_flight -= 1
+        _cancelled(at.proxy, ex)
+        _observe_latency(ex)
+    task = ex.task
+    if task is not None and not task.done():
+        task.cancel()
+
+
+def _cancelled(proxy, ex) -> None:
+    # downstream cancels when the client goes away, or (with ex.finished set) when it has
+    # already answered the request itself.
+    ex.detach()
+    if not ex.finished:
+        ex.finished = True
+        proxy.record(ex, ClientDisconnected("client closed the connection"))
+
+
+def _observe_latency(ex) -> None:
+    if ex.pool is not None and ex.committed:  # answered, by the upstream or with an error
+        ex.pool.request_latency.observe(perf_counter() - ex.started)
+
+
+async def forward(proxy, ex, begun: Attempt | None = None) -> None:
+    """Serve one exchange to completion: a forwarded response, or an error response.
+    `begun`: the fast path's attempt, handed over (routed, counted in flight) because it
+    needs a connect or failed (`begun.failure`)."""
+    if begun is not None:
+        ex.fast = None  # this task owns the attempt now
     loop = proxy.loop
     try:
-        await _forward(proxy, ex, loop)
+        await _forward(proxy, ex, loop, begun)
     except asyncio.CancelledError:
-        # downstream cancels us when the client goes away, or (with ex.finished set)
-        # when it has already answered the request itself.
-        ex.detach()
-        if not ex.finished:
-            ex.finished = True
-            proxy.record(ex, ClientDisconnected("client closed the connection"))
+        _cancelled(proxy, ex)
     except ProxyError as exc:
         ex.detach()
         if ex.finished:  # downstream already answered (a rejected body, for instance)
@@ -72,11 +215,12 @@ async def forward(proxy, ex) -> None:
         else:
             ex.client.send_error(ex, ProxyError(f"internal error: {type(exc).__name__}"))
     finally:
-        if ex.pool is not None and ex.committed:  # answered, by the upstream or with an error
-            ex.pool.request_latency.observe(perf_counter() - ex.started)
+        _observe_latency(ex)
 
 
-async def _forward(proxy, ex, loop) -> None:
+def _route(proxy, ex):
+    """The exchange's pool (ex.pool), its upstream target and head (ex.target,
+    ex.head_bytes); raises the ProxyError to answer instead."""
     info = ex.info
     if info.looped:
         raise LoopDetected(f"Via already names {proxy.cfg.diagnostics.proxy_name}")
@@ -98,74 +242,76 @@ async def _forward(proxy, ex, loop) -> None:
         raise ConnectionLimitReached(f"{pool.in_flight} requests in flight to pool {pool.name!r} "
                                      f"(pools.{pool.name}.max_connections = {limit})")
     ex.target = rewrite_target(route, path)
-    head_bytes = H.build_request_head(ex.head, info, target=ex.target, client_ip=ex.client.client_ip,
-                                      proto=b"http", via=proxy.via)
-    pool.in_flight += 1
+    ex.head_bytes = H.build_request_head(ex.head, info, target=ex.target, client_ip=ex.client.client_ip,
+                                         proto=b"http", via=proxy.via)
+    return pool
+
+
+async def _forward(proxy, ex, loop, begun: Attempt | None) -> None:
+    if begun is None:
+        pool = _route(proxy, ex)
+        pool.in_flight += 1
+    else:
+        pool = begun.pool
     try:
-        await _attempts(proxy, pool, ex, head_bytes, loop)
+        await _attempts(proxy, pool, ex, loop, begun)
     finally:
         pool.in_flight -= 1
 
 
-async def _attempts(proxy, pool, ex, head_bytes: bytes, loop) -> None:
+async def _attempts(proxy, pool, ex, loop, begun: Attempt | None) -> None:
     tried: list = []
     allowed = 1 + pool.retries
     last: ProxyError | None = None
     while True:
-        now = loop.time()
-        server = pool.balancer.pick(now, tried)
-        if server is None and tried:
-            server = pool.balancer.pick(now)  # every server tried: retry on one again
-        if server is None:
-            if last is not None:  # the last attempt's cause, not "nothing available"
-                raise last
-            raise NoServerAvailable(pool.unavailable_reasons(now) or f"pool {pool.name!r} has no servers")
-        if last is not None:
-            proxy.recorder.retries_total += 1
+        if begun is not None:
+            at, begun = begun, None
+        else:
+            now = loop.time()
+            server = pool.balancer.pick(now, tried)
+            if server is None and tried:
+                server = pool.balancer.pick(now)  # every server tried: retry on one again
+            if server is None:
+                if last is not None:  # the last attempt's cause, not "nothing available"
+                    raise last
+                raise NoServerAvailable(pool.unavailable_reasons(now) or f"pool {pool.name!r} has no servers")
+            if last is not None:
+                proxy.recorder.retries_total += 1
+            at = Attempt(proxy, pool, server, now, perf_counter())
         try:
-            await _attempt(proxy, pool, server, ex, head_bytes, loop)
+            await _attempt(proxy, pool, ex, at)
             return
         except ProxyError as exc:
             if len(ex.attempts) >= allowed or not _may_retry(exc, ex, pool.retry_non_idempotent):
                 raise
             last = exc
-            tried.append(server)
+            tried.append(at.server)
 
 
-async def _attempt(proxy, pool, server, ex, head_bytes: bytes, loop) -> None:
-    started = perf_counter()  # durations are measured, not derived from loop ticks (ms under uvloop)
-    trial = server.on_attempt_start()
-    conn = proxy.lease(pool, server, loop.time())
-    race_retry = True
+async def _attempt(proxy, pool, ex, at: Attempt) -> None:
     try:
         while True:
-            if conn is None:
-                conn = await proxy.connect(pool, server)
+            if at.conn is None:
+                at.conn = await proxy.connect(pool, at.server)
             try:
-                await ex.begin(conn, head_bytes)
-                _log_change(pool, server, server.on_success(ex.status, ex.head_at - started, trial), "trial request")
+                if at.failure is None:
+                    await ex.begin(at.conn, ex.head_bytes)
+                else:  # the fast path sent on at.conn and it failed: judged here, like any failure
+                    failure, at.failure = at.failure, None
+                    raise failure
+                at.succeeded(ex)
                 return
             except ConnectionTerminated:
-                # Only a close/reset before any byte is the race; a timeout is not.
-                if (race_retry and conn.reused and not conn.bytes_seen and ex.replayable
-                        and (ex.info.idempotent or pool.retry_non_idempotent)):
-                    race_retry = False
-                    proxy.recorder.keepalive_race_retries += 1
+                if at.keepalive_race(ex):
                     ex.detach()
-                    conn = None
+                    at.conn = None
                     continue
                 raise
     except ProxyError as exc:
-        _note_attempt(ex, server, exc, perf_counter() - started)
-        info = INFO[classify(exc)]
-        if info.blames_upstream:
-            _log_change(pool, server, server.on_failure(info.token, exc.detail, loop.time(), trial),
-                        "passive", error=info.token, details=exc.detail)
+        at.failed(ex, exc)
         raise
     finally:
-        server.on_attempt_end(trial)
-        if not ex.finished:
-            ex.detach()
+        at.end(ex)
 
 
 def _log_change(pool, server, change, by: str, **fields) -> None:

@@ -42,24 +42,27 @@ def new_request_id() -> str:
     return "%024x" % _ids.getrandbits(96)
 
 
-def _connection_tokens(headers: Headers) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        # the length test first: most names are not 10 bytes, so most are never lowercased
-        if len(name) == 10 and name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return tokens
+def _tokens(value: bytes) -> list[bytes]:
+    """The lowercased tokens of a Connection field value."""
+    return [t.strip().lower() for t in value.split(b",")]
+
+
+def _names_any(headers: Headers, names: set[bytes]) -> bool:
+    """True when a field of `headers` is named in `names` (lowercased)."""
+    return any(name.lower() in names for name, _ in headers)
 
 
 class RequestInfo:
-    """What the forwarding logic needs to know about a request, from one header scan."""
+    """What the forwarding logic needs to know about a request, from one header scan, and
+    the fields to forward as they are (so building the upstream head scans nothing)."""
 
     __slots__ = ("host", "request_id", "framing", "content_length", "idempotent", "looped", "accept",
-                 "te_trailers", "problem")
+                 "te_trailers", "problem", "fields", "xff", "via_seen", "request_id_bytes")
 
     def __init__(self) -> None:
         self.host: bytes | None = None
         self.request_id = ""
+        self.request_id_bytes = b""  # the same, as sent in X-Request-Id (encoded once)
         self.framing = NO_BODY
         self.content_length = 0
         self.idempotent = False
@@ -67,40 +70,38 @@ class RequestInfo:
         self.accept: bytes | None = None
         self.te_trailers = False
         self.problem: str | None = None  # why the request must be refused with 400
+        self.fields: list[bytes] = []    # name, ": ", value, CRLF of each field forwarded unchanged
+        self.xff: bytes | None = None       # the client's X-Forwarded-For values, joined
+        self.via_seen: bytes | None = None  # the client's Via values, joined
 
 
 # RFC 9110 §9.2.2: idempotent methods may be retried after a partial failure.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
+# What a request field is to gatewise, by lowercased name: one dict lookup per field
+# instead of a chain of comparisons. Anything not listed is forwarded unchanged.
+(_KEEP, _HOST, _ACCEPT, _LENGTH, _CODING, _REQUEST_ID, _VIA, _XFF, _TE, _CONNECTION, _UPGRADE,
+ _DROP) = range(12)
+_REQUEST_FIELDS = {
+    b"host": _HOST, b"accept": _ACCEPT, b"content-length": _LENGTH, b"transfer-encoding": _CODING,
+    b"x-request-id": _REQUEST_ID, b"via": _VIA, b"x-forwarded-for": _XFF, b"te": _TE,
+    b"connection": _CONNECTION, b"upgrade": _UPGRADE,
+    # hop-by-hop, or set by gatewise
+    b"keep-alive": _DROP, b"proxy-connection": _DROP, b"trailer": _DROP,
+    b"x-forwarded-proto": _DROP, b"x-forwarded-host": _DROP,
+}
+_NOTHING: frozenset[bytes] = frozenset()
+
 
 def scan_request(head: RequestHead, proxy_name: bytes) -> RequestInfo:
     info = RequestInfo()
     info.idempotent = head.method in IDEMPOTENT
-    hosts = 0
-    for name, value in head.headers:
-        lname = name.lower()
-        if lname == b"host":
-            info.host = value
-            hosts += 1
-        elif lname == b"content-length":
-            if info.framing != CHUNKED:  # the codecs reject CL with TE; never trust order
-                info.framing = LENGTH
-                info.content_length = int(value)
-        elif lname == b"transfer-encoding":
-            info.framing = CHUNKED  # the codec has rejected anything but "..., chunked"
-            if value.strip().lower() != b"chunked":
-                # RFC 9112 §6.1: a coding we do not implement (gzip, chunked) cannot be
-                # re-framed without changing the body; refuse rather than forward it wrong.
-                info.problem = "unsupported transfer coding: " + value.decode("latin-1")
-        elif lname == b"x-request-id":
-            if _SANE_ID.fullmatch(value):
-                info.request_id = value.decode()
-        elif lname == b"via":
-            info.looped = info.looped or _via_names(value, proxy_name)
-        elif lname == b"accept":
-            info.accept = value
-        elif lname == b"te":
-            info.te_trailers = b"trailers" in value.lower()
+    hosts, named = _scan_fields(head, info, proxy_name, _NOTHING)
+    if named and _names_any(head.headers, named):
+        # Connection names fields that are hop-by-hop too (RFC 9110 §7.6.1), and they may
+        # come before it: scan again, leaving them out of what is forwarded.
+        info.fields, info.xff, info.via_seen = [], None, None
+        _scan_fields(head, info, proxy_name, named)
     if info.framing == LENGTH and info.content_length == 0:
         info.framing = NO_BODY
     # RFC 9112 §3.2: exactly one Host in HTTP/1.1, at most one in 1.0, else 400.
@@ -115,7 +116,71 @@ def scan_request(head: RequestHead, proxy_name: bytes) -> RequestInfo:
         info.problem = "CONNECT is not supported: gatewise is a reverse proxy"
     if not info.request_id:
         info.request_id = new_request_id()
+    info.request_id_bytes = info.request_id.encode()
     return info
+
+
+def _scan_fields(head: RequestHead, info: RequestInfo, proxy_name: bytes,
+                 drop: frozenset[bytes]) -> tuple[int, set[bytes]]:
+    """One pass over the request's fields: fills `info` and `info.fields`, leaving out the
+    fields named in `drop`. Returns (Host fields seen, names that Connection lists beyond
+    the standard hop-by-hop ones)."""
+    fields = info.fields
+    hosts = 0
+    named: set[bytes] | None = None  # built only when there is a Connection field
+    for name, value in head.headers:
+        lname = name.lower()
+        kind = _REQUEST_FIELDS.get(lname, _KEEP)
+        if kind == _KEEP:
+            pass
+        elif kind == _HOST:
+            info.host = value
+            hosts += 1
+        elif kind == _ACCEPT:
+            info.accept = value
+        elif kind == _LENGTH:
+            if info.framing != CHUNKED:  # the codecs reject CL with TE; never trust order
+                info.framing = LENGTH
+                info.content_length = int(value)
+            continue  # gatewise frames the body itself
+        elif kind == _CODING:
+            info.framing = CHUNKED  # the codec has rejected anything but "..., chunked"
+            if value.strip().lower() != b"chunked":
+                # RFC 9112 §6.1: a coding we do not implement (gzip, chunked) cannot be
+                # re-framed without changing the body; refuse rather than forward it wrong.
+                info.problem = "unsupported transfer coding: " + value.decode("latin-1")
+            continue
+        elif kind == _REQUEST_ID:
+            if _SANE_ID.fullmatch(value):
+                info.request_id = value.decode()
+            continue  # set below, once
+        elif kind == _VIA:
+            info.looped = info.looped or _via_names(value, proxy_name)
+            if lname not in drop:
+                info.via_seen = value if info.via_seen is None else info.via_seen + b", " + value
+            continue
+        elif kind == _XFF:
+            if lname not in drop:
+                info.xff = value if info.xff is None else info.xff + b", " + value
+            continue
+        elif kind == _TE:
+            info.te_trailers = b"trailers" in value.lower()
+            continue
+        elif kind == _CONNECTION:
+            if named is None:
+                named = set()
+            named.update(_tokens(value))
+            continue
+        elif kind == _UPGRADE:
+            if head.upgrade:  # tunnelling: the upstream must see what is asked for
+                fields += (name, b": ", value, b"\r\n")
+            continue
+        else:
+            continue
+        if drop and lname in drop:
+            continue
+        fields += (name, b": ", value, b"\r\n")
+    return hosts, _NOTHING if named is None else named - HOP_BY_HOP
 
 
 def _via_names(value: bytes, proxy_name: bytes) -> bool:
@@ -130,39 +195,24 @@ def _via_names(value: bytes, proxy_name: bytes) -> bool:
 def build_request_head(head: RequestHead, info: RequestInfo, *, target: bytes, client_ip: bytes,
                        proto: bytes, via: bytes) -> bytes:
     """The head gatewise sends upstream. `via` is b"1.1 gatewise"."""
-    drop = _connection_tokens(head.headers) | HOP_BY_HOP
-    tunnel = head.upgrade
     out = [head.method, b" ", target, b" HTTP/1.1\r\n"]
-    xff = via_seen = None
-    for name, value in head.headers:
-        lname = name.lower()
-        if lname in drop:
-            if tunnel and lname == b"upgrade":
-                out += (name, b": ", value, b"\r\n")
-            continue
-        if lname == b"x-forwarded-for":
-            xff = value if xff is None else xff + b", " + value
-        elif lname == b"via":
-            via_seen = value if via_seen is None else via_seen + b", " + value
-        elif lname in (b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id",
-                       b"content-length"):
-            continue  # replaced below
-        else:
-            out += (name, b": ", value, b"\r\n")
+    out += info.fields
     if info.framing == LENGTH:
         out += (b"Content-Length: ", str(info.content_length).encode(), b"\r\n")
     elif info.framing == CHUNKED:
         out.append(b"Transfer-Encoding: chunked\r\n")
-    if tunnel:
+    if head.upgrade:
         out.append(b"Connection: upgrade\r\n")
     elif info.te_trailers:
         out.append(b"TE: trailers\r\nConnection: TE\r\n")
+    xff = info.xff
     out += (b"X-Forwarded-For: ", client_ip if xff is None else xff + b", " + client_ip, b"\r\n",
             b"X-Forwarded-Proto: ", proto, b"\r\n")
     if info.host is not None:
         out += (b"X-Forwarded-Host: ", info.host, b"\r\n")
+    via_seen = info.via_seen
     out += (b"Via: ", via if via_seen is None else via_seen + b", " + via, b"\r\n",
-            b"X-Request-Id: ", info.request_id.encode(), b"\r\n\r\n")
+            b"X-Request-Id: ", info.request_id_bytes, b"\r\n\r\n")
     return b"".join(out)
 
 
@@ -180,21 +230,31 @@ class ResponsePlan:
         self.problem: str | None = None  # why this response cannot be forwarded
 
 
-_STATUS_LINES: dict[int, bytes] = {}
+_STATUS_LINES: dict[int, tuple[bytes, bytes]] = {}  # status -> (standard reason, line); 3 digits: bounded
 
 
 def status_line(status: int, reason: bytes = b"") -> bytes:
-    """b"HTTP/1.1 502 Bad Gateway\r\n"; lines with the standard reason are built once."""
-    if reason:
-        return b"HTTP/1.1 %d %s\r\n" % (status, reason)
-    line = _STATUS_LINES.get(status)
-    if line is None:
+    """b"HTTP/1.1 502 Bad Gateway\r\n"; lines with no or the standard reason are built once."""
+    known = _STATUS_LINES.get(status)
+    if known is None:
         try:
             phrase = HTTPStatus(status).phrase.encode()
         except ValueError:
             phrase = b"Unknown"
-        line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, phrase)
-    return line
+        known = _STATUS_LINES[status] = (phrase, b"HTTP/1.1 %d %s\r\n" % (status, phrase))
+    if reason and reason != known[0]:
+        return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    return known[1]
+
+
+# What a response field is to gatewise, by lowercased name (as _REQUEST_FIELDS).
+_R_KEEP, _R_LENGTH, _R_CODING, _R_KEEP_ALIVE, _R_CONNECTION, _R_VIA, _R_DATE, _R_UPGRADE, _R_DROP = range(9)
+_RESPONSE_FIELDS = {
+    b"content-length": _R_LENGTH, b"transfer-encoding": _R_CODING, b"keep-alive": _R_KEEP_ALIVE,
+    b"connection": _R_CONNECTION, b"via": _R_VIA, b"date": _R_DATE, b"upgrade": _R_UPGRADE,
+    # hop-by-hop, or set by gatewise
+    b"proxy-connection": _R_DROP, b"te": _R_DROP, b"trailer": _R_DROP, b"x-request-id": _R_DROP,
+}
 
 
 def plan_response(head: ResponseHead, *, request_method: bytes, client_version: bytes,
@@ -205,44 +265,18 @@ def plan_response(head: ResponseHead, *, request_method: bytes, client_version: 
     `proxy_status` is our Proxy-Status member for a forwarded 5xx (None otherwise).
     Interim (1xx) heads are passed with hop-by-hop fields removed and no framing."""
     plan = ResponsePlan()
-    drop = _connection_tokens(head.headers)
-    if b"close" in drop or (head.version == b"1.0" and b"keep-alive" not in drop):
-        plan.upstream_keep_alive = False
-    drop |= HOP_BY_HOP
     status = head.status
     interim = status < 200
-    length = None
-    chunked = False
-    via_seen = None
-    date_seen = False
     out = [status_line(status, head.reason)]
-    for name, value in head.headers:
-        lname = name.lower()
-        if lname == b"content-length":
-            length = value
-            continue
-        if lname == b"transfer-encoding":
-            chunked = True
-            if value.strip().lower() != b"chunked":
-                # RFC 9112 §6.1: re-framing would drop the other coding and hand the
-                # client a body it cannot decode (RFC 9209 §2.3.24).
-                plan.problem = "unsupported transfer coding: " + value.decode("latin-1")
-            continue
-        if lname == b"keep-alive":
-            plan.keepalive_timeout = _keepalive_timeout(value)
-            continue
-        if lname in drop:
-            if status == 101 and lname == b"upgrade":
-                out += (name, b": ", value, b"\r\n")
-            continue
-        if lname == b"via":
-            via_seen = value if via_seen is None else via_seen + b", " + value
-        elif lname == b"x-request-id":
-            continue
-        else:
-            if lname == b"date":
-                date_seen = True
-            out += (name, b": ", value, b"\r\n")
+    tokens, length, chunked, via_seen, date_seen = _response_fields(head, plan, out, _NOTHING)
+    named = tokens - HOP_BY_HOP
+    if named and _names_any(head.headers, named):
+        # Connection names fields that are hop-by-hop too (RFC 9110 §7.6.1), and they may
+        # come before it: again, leaving them out.
+        plan, out = ResponsePlan(), [out[0]]
+        tokens, length, chunked, via_seen, date_seen = _response_fields(head, plan, out, frozenset(tokens))
+    if b"close" in tokens or (head.version == b"1.0" and b"keep-alive" not in tokens):
+        plan.upstream_keep_alive = False
     out += (b"Via: ", via if via_seen is None else via_seen + b", " + via, b"\r\n")
     if not date_seen and not interim:
         # RFC 9110 §6.6.1: a recipient with a clock MUST add Date to a response it forwards
@@ -286,6 +320,59 @@ def plan_response(head: ResponseHead, *, request_method: bytes, client_version: 
     plan.keep_alive = keep_alive
     plan.head = b"".join(out)
     return plan
+
+
+def _response_fields(head: ResponseHead, plan: ResponsePlan, out: list[bytes], drop: frozenset[bytes]):
+    """One pass over the response's fields: the ones forwarded unchanged go to `out`
+    (minus those named in `drop`), the rest into `plan` or the result:
+    (Connection tokens, Content-Length value, chunked, Via values, Date seen)."""
+    tokens: set[bytes] | frozenset[bytes] = _NOTHING  # a set only when there is a Connection field
+    length = via_seen = None
+    chunked = date_seen = False
+    for name, value in head.headers:
+        lname = name.lower()
+        kind = _RESPONSE_FIELDS.get(lname, _R_KEEP)
+        if kind == _R_KEEP:
+            pass
+        elif kind == _R_LENGTH:
+            length = value
+            continue
+        elif kind == _R_CODING:
+            chunked = True
+            if value.strip().lower() != b"chunked":
+                # RFC 9112 §6.1: re-framing would drop the other coding and hand the
+                # client a body it cannot decode (RFC 9209 §2.3.24).
+                plan.problem = "unsupported transfer coding: " + value.decode("latin-1")
+            continue
+        elif kind == _R_KEEP_ALIVE:
+            plan.keepalive_timeout = _keepalive_timeout(value)
+            continue
+        elif kind == _R_CONNECTION:
+            if tokens is _NOTHING:
+                tokens = set()
+            if b"," in value:
+                tokens.update(_tokens(value))
+            else:  # one token, as in the usual "keep-alive" or "close"
+                tokens.add(value.strip().lower())
+            continue
+        elif kind == _R_VIA:
+            if lname not in drop:
+                via_seen = value if via_seen is None else via_seen + b", " + value
+            continue
+        elif kind == _R_DATE:
+            if lname in drop:
+                continue
+            date_seen = True
+        elif kind == _R_UPGRADE:
+            if head.status == 101:
+                out += (name, b": ", value, b"\r\n")
+            continue
+        else:
+            continue
+        if drop and lname in drop:
+            continue
+        out += (name, b": ", value, b"\r\n")
+    return tokens, length, chunked, via_seen, date_seen
 
 
 def _keepalive_timeout(value: bytes) -> float | None:

@@ -137,7 +137,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if not self.bytes_seen:
             self.bytes_seen = True
-            if looks_like_tls(data):
+            if data[:1] != b"H" and looks_like_tls(data):  # "HTTP/1.1 ..." is never a TLS record
                 exc = UpstreamProtocolError("response is a TLS record, not HTTP: upstream speaks TLS; "
                                             "use https://", upstream=self.server.address)
                 exc.hint_variant = "tls"
@@ -158,7 +158,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._tunnel = True
             self._timer.cancel()  # a tunnel may idle as long as its peers like
             ex.on_tunnel_open(self, rest)
-        if ex is not None:
+        if ex is not None and not ex.finished:  # a finished one was flushed by exchange_done
             ex.flush()
 
     def eof_received(self) -> bool:
@@ -204,8 +204,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange.resume_client_reading()
 
     # -- driven by the exchange --------------------------------------------------------
-    def begin(self, exchange, method: bytes, data: bytes, complete: bool, upgrade: bool = False) -> None:
-        """Bind to an exchange and send the request head (plus any buffered body)."""
+    def begin(self, exchange, method: bytes, data: bytes, complete: bool, upgrade: bool = False,
+              later: bool = False) -> None:
+        """Bind to an exchange and send the request head (plus any buffered body). `later`:
+        write it once the callbacks of this loop iteration have run, as a task would."""
         self.exchange = exchange
         self.head_seen = False
         self.bytes_seen = False
@@ -214,7 +216,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser.start(method, upgrade)
         self.state = WAITING if complete else SENDING
         self._timer.set(self._loop.time() + self._timeouts.response_header if complete else None)
-        self.transport.write(data)
+        if later:
+            self._loop.call_soon(self._write_later, data)
+        else:
+            self.transport.write(data)
+
+    def _write_later(self, data: bytes) -> None:
+        if self.alive:  # else closed meanwhile: cancelled, or lost (the exchange was told)
+            self.transport.write(data)
 
     def send(self, data: bytes) -> None:
         self.transport.write(data)

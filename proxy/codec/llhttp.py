@@ -25,6 +25,15 @@ _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 _RAW_SLACK = 256 * 1024  # one large read may carry the end of a head plus body bytes
 
 
+def _close_delimited(headers: list[tuple[bytes, bytes]]) -> bool:
+    """RFC 9112 §6.3: with neither Content-Length (14 bytes) nor Transfer-Encoding (17
+    bytes), a response body runs until the close. The length test spares most lower()s."""
+    for n, _ in headers:
+        if len(n) in (14, 17) and n.lower() in (b"content-length", b"transfer-encoding"):
+            return False
+    return True
+
+
 class _HeadOnly(Exception):
     """Stops llhttp after the head of a response to HEAD."""
 
@@ -105,7 +114,7 @@ class LlhttpRequestParser:
 
 class LlhttpResponseParser:
     __slots__ = ("_p", "_h", "_max", "_reason", "_headers", "_size", "_raw", "_in_head",
-                 "_head_only", "_interim", "_close_delimited", "_outstanding", "reusable")
+                 "_head_only", "_interim", "_in_body", "_final_headers", "_outstanding", "reusable")
 
     def __init__(self, handler, max_head_bytes: int) -> None:
         self._p = httptools.HttpResponseParser(self)
@@ -118,7 +127,8 @@ class LlhttpResponseParser:
         self._in_head = False
         self._head_only = False
         self._interim = False
-        self._close_delimited = False
+        self._in_body = False  # the final response has a body that has not ended yet
+        self._final_headers: list[tuple[bytes, bytes]] = []  # its fields, for feed_eof
         self._outstanding = False  # a request was sent and its final response has not ended
         self.reusable = True  # False once this connection cannot carry another exchange
 
@@ -158,8 +168,8 @@ class LlhttpResponseParser:
         """The upstream closed. True when that ends a close-delimited body (RFC 9112 §6.3
         rule 8); the caller treats any other EOF as a failure."""
         self.reusable = False
-        if self._close_delimited:
-            self._close_delimited = False
+        if self._in_body and _close_delimited(self._final_headers):
+            self._in_body = False
             self._outstanding = False
             self._h.on_response_end([])
             return True
@@ -199,15 +209,9 @@ class LlhttpResponseParser:
             self._in_head = True  # the final response head follows
             self._h.on_response_head(head)
             return
-        no_body = self._head_only or status in (204, 304)
-        if not no_body:
-            # RFC 9112 §6.3: no Content-Length (14 bytes) and no Transfer-Encoding (17 bytes)
-            # means the body runs until the close; the length test spares most lower() calls
-            self._close_delimited = True
-            for n, _ in headers:
-                if len(n) in (14, 17) and n.lower() in (b"content-length", b"transfer-encoding"):
-                    self._close_delimited = False
-                    break
+        # Whether the body is delimited by the close is only asked at EOF (feed_eof).
+        self._in_body = not (self._head_only or status in (204, 304))
+        self._final_headers = headers
         self._h.on_response_head(head)
         if self._head_only:
             self.reusable = False  # before on_response_end, which decides about pooling
@@ -222,7 +226,7 @@ class LlhttpResponseParser:
         if self._interim:
             self._interim = False
             return
-        self._close_delimited = False
+        self._in_body = False
         self._outstanding = False
         trailers, self._headers = self._headers, []
         self._h.on_response_end(trailers)

@@ -171,6 +171,7 @@ async def test_unroutable_destination(parser):
     """destination_ip_unroutable from a real ENETUNREACH: the proxy runs in a fresh network
     namespace where only loopback exists, so nothing can leave this machine."""
     import json
+    import os
     import shutil
     import subprocess
     import sys
@@ -184,7 +185,10 @@ async def test_unroutable_destination(parser):
         pytest.skip(f"unprivileged network namespaces unavailable: {probe.stderr.decode().strip()}")
     run = subprocess.run(["unshare", "-rn", "sh", "-c",
                           f"ip link set lo up && exec {sys.executable} tests/netns_unroutable.py {parser}"],
-                         cwd=root, capture_output=True, timeout=60)
+                         cwd=root, capture_output=True, timeout=60,
+                         # a script's sys.path starts at tests/: import this checkout's proxy,
+                         # not whichever one the venv's editable install points at
+                         env={**os.environ, "PYTHONPATH": str(root)})
     assert run.returncode == 0, run.stderr.decode()
     result = json.loads(run.stdout.decode().strip().splitlines()[-1])
     assert result["status"] == 502

@@ -163,3 +163,43 @@ def test_date_is_added_to_a_forwarded_response_without_one():
     kept = lines(plan(headers=[(b"Content-Length", b"1"), (b"Date", b"Tue, 01 Jan 2030 00:00:00 GMT")]).head)
     assert [x for x in kept if x.startswith(b"Date: ")] == [b"Date: Tue, 01 Jan 2030 00:00:00 GMT"]
     assert not any(x.startswith(b"Date: ") for x in lines(plan(status=100).head))
+
+
+# -- one pass per direction: the field tables must agree with HOP_BY_HOP, and a field named
+#    in Connection is dropped wherever it stands (the scan then runs a second time)
+
+def test_every_hop_by_hop_field_is_classified_in_both_directions():
+    for name in H.HOP_BY_HOP:
+        assert H._REQUEST_FIELDS.get(name, H._KEEP) != H._KEEP, name
+        assert H._RESPONSE_FIELDS.get(name, H._R_KEEP) != H._R_KEEP, name
+
+
+def test_connection_named_fields_are_dropped_before_and_after_it():
+    info, out = build([(b"Host", b"a"), (b"X-Early", b"1"), (b"Via", b"1.0 edge"), (b"X-Forwarded-For", b"1.2.3.4"),
+                       (b"Connection", b"x-early, via, X-Forwarded-For, x-late"), (b"X-Late", b"2"),
+                       (b"X-Keep", b"yes")])
+    names = [line.split(b":")[0].lower() for line in out[1:]]
+    assert b"x-early" not in names and b"x-late" not in names
+    assert b"X-Keep: yes" in out and b"Host: a" in out
+    assert b"Via: 1.1 gatewise" in out              # the named Via is not passed on
+    assert b"X-Forwarded-For: 10.0.0.7" in out      # nor the named X-Forwarded-For
+    assert info.host == b"a"
+
+
+def test_response_connection_named_fields_are_dropped_before_and_after_it():
+    p = plan(headers=[(b"X-Early", b"1"), (b"Content-Length", b"1"), (b"Connection", b"X-Early, close"),
+                      (b"X-Late", b"2"), (b"X-Keep", b"yes")])
+    out = lines(p.head)
+    names = [line.split(b":")[0].lower() for line in out[1:]]
+    assert b"x-early" not in names and b"connection" not in names
+    assert b"X-Late: 2" in out and b"X-Keep: yes" in out and b"Content-Length: 1" in out
+    assert not p.upstream_keep_alive and p.framing == H.LENGTH
+    p = plan(headers=[(b"X-Late", b"2"), (b"Content-Length", b"1"), (b"Connection", b"keep-alive, x-late")],
+             version=b"1.0")
+    assert p.upstream_keep_alive and b"X-Late: 2" not in lines(p.head)
+
+
+def test_status_line_keeps_a_nonstandard_reason():
+    assert H.status_line(200, b"OK") == H.status_line(200) == b"HTTP/1.1 200 OK\r\n"
+    assert H.status_line(200, b"Fine") == b"HTTP/1.1 200 Fine\r\n"
+    assert H.status_line(299) == b"HTTP/1.1 299 Unknown\r\n"
