@@ -30,6 +30,7 @@ from proxy.inspect import ProxyView
 from proxy.errors import ConnectRefused, DestinationUnroutable, ProxyError
 from proxy.headers import date_field, new_request_id, status_line
 from proxy.logs import log_event
+from proxy.memory import keep_read_buffers
 from proxy.pool import IdlePool, idle_expiry
 from proxy.router import Route, Router
 from proxy.servers import HealthPolicy, ServerState
@@ -360,6 +361,7 @@ def run_forever(cfg: ProxyConfig, reload_config=None) -> int:
     """`gatewise run`: serve until SIGTERM/SIGINT, then drain gracefully. SIGHUP reloads
     with `reload_config()` (which raises ConfigError for a bad file: the running config
     keeps serving, and the problems are logged)."""
+    keep_read_buffers()
     if cfg.listen.workers > 1:
         from proxy.supervisor import run_supervisor
 

@@ -28,6 +28,7 @@ from proxy.cluster import apply_state, shared_servers
 from proxy.config import ConfigError, parse_config
 from proxy.inspect import ProxyView
 from proxy.logs import log_event
+from proxy.memory import keep_read_buffers
 from proxy.server import Proxy, Server
 
 
@@ -155,6 +156,7 @@ def main() -> int:
     parser.add_argument("--fd", type=int, required=True, help="the channel socket, inherited")
     parser.add_argument("--index", type=int, required=True)
     args = parser.parse_args()
+    keep_read_buffers()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency
