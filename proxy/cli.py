@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg is None:
             return 1
         from proxy.config import load_config
-        from proxy.server import run_forever
+        from proxy.lifecycle import run_forever
 
         path = args.config or DEFAULT_CONFIG
 

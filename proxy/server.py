@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import signal
 import time
 
 from diagnostics import error_body, proxy_status
@@ -30,7 +29,6 @@ from proxy.inspect import ProxyView
 from proxy.errors import ConnectRefused, DestinationUnroutable, ProxyError
 from proxy.headers import date_field, new_request_id, status_line
 from proxy.logs import log_event
-from proxy.memory import keep_read_buffers
 from proxy.pool import IdlePool, idle_expiry
 from proxy.router import Route, Router
 from proxy.servers import HealthPolicy, ServerState
@@ -292,6 +290,12 @@ class Server:
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    def listening_fields(self) -> dict:
+        return {"address": self.address, "admin": self.admin.address, "parser": self.proxy.parser_kind}
+
+    def status_fields(self) -> dict:
+        return {"connections": len(self.proxy.connections)}
+
     async def reload(self, cfg: ProxyConfig) -> list[str]:
         """Serve a new config without dropping a connection (SIGHUP; nginx's reload).
 
@@ -355,70 +359,3 @@ class Server:
             await self.admin.close()
             self.admin = None
         self.stopped.set()
-
-
-def run_forever(cfg: ProxyConfig, reload_config=None) -> int:
-    """`gatewise run`: serve until SIGTERM/SIGINT, then drain gracefully. SIGHUP reloads
-    with `reload_config()` (which raises ConfigError for a bad file: the running config
-    keeps serving, and the problems are logged)."""
-    keep_read_buffers()
-    if cfg.listen.workers > 1:
-        from proxy.supervisor import run_supervisor
-
-        return run_supervisor(cfg, reload_config)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio still works
-        uvloop = None
-
-    async def main() -> int:
-        server = Server(cfg)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        # Handlers first: once the port accepts connections, a signal must drain.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        reloading: list[asyncio.Task] = []
-
-        async def reload() -> None:
-            from proxy.config import ConfigError
-
-            if reload_config is None:
-                log_event("reload_skipped", reason="no config file (gatewise run --to)")
-                return
-            if server.proxy is None:  # still starting: nothing to swap yet
-                log_event("reload_skipped", reason="still starting")
-                return
-            try:
-                new_cfg = reload_config()
-            except ConfigError as exc:
-                log_event("reload_rejected", problems=exc.problems, serving=server.cfg.source)
-                return
-            notes = await server.reload(new_cfg)
-            log_event("reloaded", config=new_cfg.source, notes=notes or None,
-                      pools={n: [s.url for s in p.servers] for n, p in server.proxy.pools.items()})
-
-        def on_sighup() -> None:
-            if not (reloading and not reloading[-1].done()):  # one reload at a time
-                reloading.append(loop.create_task(reload()))
-
-        loop.add_signal_handler(signal.SIGHUP, on_sighup)
-        try:
-            await server.start()
-        except OSError as exc:
-            log_event("listen_failed", address=cfg.listen.address, error=str(exc))
-            return 1
-        proxy = server.proxy
-        log_event("listening", address=server.address, admin=server.admin.address, parser=proxy.parser_kind,
-                  pools={n: [s.url for s in p.servers] for n, p in proxy.pools.items()},
-                  config=cfg.source)
-        await stop.wait()
-        log_event("draining", grace_s=server.cfg.timeouts.shutdown_grace,
-                  connections=len(server.proxy.connections))
-        await server.stop()
-        log_event("stopped")
-        return 0
-
-    if uvloop is not None:
-        return uvloop.run(main())
-    return asyncio.run(main())

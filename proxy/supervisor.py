@@ -30,7 +30,7 @@ import proxy as proxy_package
 from diagnostics.admin import admin_warning, start_admin
 from proxy.channel import open_channel
 from proxy.cluster import merge_metrics, merge_requests, merge_upstreams, state_of
-from proxy.config import ConfigError, ProxyConfig, to_dict
+from proxy.config import ProxyConfig, to_dict
 from proxy.health import HealthChecker
 from proxy.inspect import ProxyView
 from proxy.logs import log_event
@@ -96,8 +96,22 @@ class Supervisor:
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    def listening_fields(self) -> dict:
+        return {"address": self.address, "admin": self.admin.address, "parser": self.proxy.parser_kind,
+                "workers": len(self.workers), "pids": [h.pid for h in self.workers]}
+
+    def status_fields(self) -> dict:
+        return {"workers": len(self.workers)}
+
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()  # workers already started drain and go
+            raise
+
+    async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         self._reservation = _reserve(self.cfg.listen.host, self.cfg.listen.port)
         self.port = self._reservation.getsockname()[1]
@@ -389,62 +403,3 @@ class ClusterView:
 
     def doctor(self):
         return self._base.doctor()
-
-
-def run_supervisor(cfg: ProxyConfig, reload_config=None) -> int:
-    """`gatewise run` with listen.workers > 1 (run_forever's counterpart)."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        uvloop = None
-
-    async def main() -> int:
-        supervisor = Supervisor(cfg)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        reloading: list[asyncio.Task] = []
-
-        async def reload() -> None:
-            if reload_config is None:
-                log_event("reload_skipped", reason="no config file (gatewise run --to)")
-                return
-            try:
-                new_cfg = reload_config()
-            except ConfigError as exc:
-                log_event("reload_rejected", problems=exc.problems, serving=supervisor.cfg.source)
-                return
-            notes = await supervisor.reload(new_cfg)
-            log_event("reloaded", config=new_cfg.source, notes=notes or None, workers=len(supervisor.workers),
-                      pools={n: [s.url for s in p.servers] for n, p in supervisor.proxy.pools.items()})
-
-        def on_sighup() -> None:
-            if supervisor.proxy is None:
-                log_event("reload_skipped", reason="still starting")
-            elif not (reloading and not reloading[-1].done()):
-                reloading.append(loop.create_task(reload()))
-
-        loop.add_signal_handler(signal.SIGHUP, on_sighup)
-        try:
-            await supervisor.start()
-        except OSError as exc:
-            log_event("listen_failed", address=cfg.listen.address, error=str(exc))
-            await supervisor.stop()
-            return 1
-        log_event("listening", address=supervisor.address, admin=supervisor.admin.address,
-                  parser=supervisor.proxy.parser_kind, workers=len(supervisor.workers),
-                  pids=[h.pid for h in supervisor.workers],
-                  pools={n: [s.url for s in p.servers] for n, p in supervisor.proxy.pools.items()},
-                  config=cfg.source)
-        await stop.wait()
-        log_event("draining", grace_s=supervisor.cfg.timeouts.shutdown_grace, workers=len(supervisor.workers))
-        for task in reloading:
-            task.cancel()
-        await supervisor.stop()
-        log_event("stopped")
-        return 0
-
-    if uvloop is not None:
-        return uvloop.run(main())
-    return asyncio.run(main())
