@@ -160,8 +160,14 @@ def main() -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.run(serve(args.fd, args.index))
-    return uvloop.run(serve(args.fd, args.index))
+        uvloop = None
+    code = (uvloop.run if uvloop is not None else asyncio.run)(serve(args.fd, args.index))
+    # Drained and about to exit. A Ctrl-C reaches the whole process group, then the
+    # supervisor's SIGTERM follows: one arriving now (the loop's handlers are gone)
+    # must not turn a clean exit into death by signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    return code
 
 
 if __name__ == "__main__":
