@@ -186,11 +186,12 @@ class ProxyProc(_Child):
     address: str = ""
 
     @classmethod
-    async def start(cls, *args: str) -> "ProxyProc":
+    async def start(cls, *args: str, new_session: bool = False) -> "ProxyProc":
+        """`new_session`: its own process group (led by it), for signalling the group."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy", *args, cwd=str(ROOT),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+            stderr=asyncio.subprocess.PIPE, start_new_session=new_session)
         return cls(proc, "gatewise " + " ".join(args))
 
     async def wait_listening(self, timeout: float = 15.0) -> int:

@@ -187,8 +187,8 @@ class Harness:
         path.write_text(to_toml(data))
         return path
 
-    async def start(self, cfg: Path) -> Cluster:
-        c = Cluster(await ProxyProc.start("run", "-c", str(cfg)))
+    async def start(self, cfg: Path, *, new_session: bool = False) -> Cluster:
+        c = Cluster(await ProxyProc.start("run", "-c", str(cfg), new_session=new_session))
         self.started.append(c)
         return await c.started()
 
@@ -503,6 +503,22 @@ async def test_sigterm_drains_every_worker_then_exits_0(cluster, upstream, tmp_p
     names = [e["event"] for e in c.gw.events]
     assert names.index("stopped") > max(i for i, n in enumerate(names) if n == "worker_stopped")
     assert await wait_gone(c.pids, 1.0) == []                  # reaped by the supervisor
+
+
+async def test_ctrl_c_reaches_the_whole_group_and_every_process_exits_cleanly(cluster, upstream, tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to the process group: workers and supervisor at
+    once, then the supervisor's own SIGTERM reaches workers that are already draining.
+    Every worker still exits with code 0, not by a signal."""
+    ok = await upstream("ok", name="ok")
+    c = await cluster.start(cluster.config(tmp_path / "gw.toml", [ok.url]), new_session=True)
+    assert (await c.get()).status == 200
+    await c.gw.wait_handles(signal.SIGINT)
+    os.killpg(c.gw.proc.pid, signal.SIGINT)
+    assert await c.gw.wait_exit(GRACE + 5.0) == 0
+    stopped = c.events("worker_stopped")
+    assert sorted(e["worker"] for e in stopped) == [0, 1], stopped
+    assert all(e.get("code") == 0 for e in stopped), stopped
+    assert await wait_gone(c.pids, 1.0) == []
 
 
 async def test_sighup_reloads_every_worker_and_a_bad_file_keeps_the_old_config(cluster, upstream, tmp_path):
