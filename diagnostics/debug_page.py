@@ -234,9 +234,22 @@ def _summary(pools: dict) -> tuple[str, str]:
     return summary, alert
 
 
-def render_debug_page(upstreams: dict, requests: list[dict], now: float) -> str:
+def _workers_note(workers: list[dict] | None) -> str:
+    """With listen.workers > 1, which processes the figures are summed over."""
+    if not workers or len(workers) < 2:
+        return ""
+    parts = ", ".join(f"{_e(w.get('index'))}: pid {_e(w.get('pid'))}"
+                      + ("" if w.get("alive") else " (down)")
+                      + (f", {_int(w.get('restarts'))} restarts" if w.get("restarts") else "")
+                      for w in workers)
+    return f" · {len(workers)} workers, figures summed ({parts})"
+
+
+def render_debug_page(upstreams: dict, requests: list[dict], now: float,
+                      workers: list[dict] | None = None) -> str:
     """The whole page. `upstreams` is the /debug/upstreams document, `requests` the recent
-    failed requests newest first (only the first MAX_REQUESTS are shown)."""
+    failed requests newest first (only the first MAX_REQUESTS are shown), `workers` the
+    /debug/workers list."""
     pools = (upstreams or {}).get("pools") or {}
     summary, alert = _summary(pools)
     cards = "".join(_pool_card(str(name), pool or {}, now) for name, pool in pools.items()) or \
@@ -260,7 +273,8 @@ def render_debug_page(upstreams: dict, requests: list[dict], now: float) -> str:
 <body><header><h1>gatewise · what the proxy sees</h1>
 <div class="muted small">{_e(_utc(now))} · refreshes every {REFRESH_SECONDS} s ·
 JSON: <a href="/debug/upstreams">upstreams</a> · <a href="/debug/requests">requests</a> ·
-<a href="/debug/config">config</a> · <a href="/metrics">metrics</a></div>
+<a href="/debug/config">config</a> · <a href="/debug/workers">workers</a> ·
+<a href="/metrics">metrics</a>{_workers_note(workers)}</div>
 <div class="summary">{summary}</div>{alert}</header>
 <main>{cards}
 <h2 style="margin:22px 0 10px">Recent failed requests{more_note}</h2>

@@ -297,6 +297,11 @@ async def test_port_0_two_workers_share_the_port_and_the_admin_counts_the_whole_
     assert {labels["worker"] for labels, _ in samples(metrics, "gatewise_worker_client_connections")} == {"0", "1"}
     assert total(metrics, "gatewise_upstream_latency_seconds_count", pool="app", server=up.address) == FRESH
 
+    page = await http(c.admin_port, path="/debug")
+    assert page.status == 200
+    text = page.body.decode()
+    assert "2 workers, figures summed" in text and all(f"pid {pid}" in text for pid in c.pids), text[:2000]
+
 
 async def test_failures_from_both_workers_are_all_in_debug_requests(cluster, upstream, tmp_path):
     down = await upstream("refuse")
