@@ -62,13 +62,19 @@ class Balancer(Protocol):
 class _Grouped:
     """Shared shape: the primary/backup split, then a per-kind pick within a group."""
 
-    __slots__ = ("_primary", "_backup")
+    __slots__ = ("_primary", "_backup", "_only")
 
     def __init__(self, servers: Sequence[ServerState]) -> None:
         self._primary: tuple[ServerState, ...] = tuple(s for s in servers if not s.backup)
         self._backup: tuple[ServerState, ...] = tuple(s for s in servers if s.backup)
+        # The sole primary, when there is one: every kind picks it whenever it is a
+        # candidate (round-robin weights return to where they were), so no kind is asked.
+        self._only: ServerState | None = self._primary[0] if len(self._primary) == 1 else None
 
     def pick(self, now: float, exclude: Collection[ServerState] = ()) -> ServerState | None:
+        only = self._only
+        if only is not None and only.available(now) and not (exclude and only in exclude):
+            return only
         # Backups are a fallback, never a share of the traffic (nginx `backup`), so the
         # backup group is only walked when the primary group yields nothing.
         chosen = self._pick_in(self._primary, now, exclude)

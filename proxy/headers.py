@@ -18,6 +18,7 @@ import os
 import random
 import re
 import time
+from binascii import hexlify
 from email.utils import formatdate
 from http import HTTPStatus
 
@@ -38,8 +39,13 @@ NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
 _ids = random.Random(os.urandom(16))
 
 
+def new_request_id_bytes() -> bytes:
+    """24 lowercase hex digits (hexlify: half the cost of "%024x" formatting)."""
+    return hexlify(_ids.getrandbits(96).to_bytes(12, "big"))
+
+
 def new_request_id() -> str:
-    return "%024x" % _ids.getrandbits(96)
+    return new_request_id_bytes().decode()
 
 
 def _tokens(value: bytes) -> list[bytes]:
@@ -56,13 +62,12 @@ class RequestInfo:
     """What the forwarding logic needs to know about a request, from one header scan, and
     the fields to forward as they are (so building the upstream head scans nothing)."""
 
-    __slots__ = ("host", "request_id", "framing", "content_length", "idempotent", "looped", "accept",
+    __slots__ = ("host", "framing", "content_length", "idempotent", "looped", "accept",
                  "te_trailers", "problem", "fields", "xff", "via_seen", "request_id_bytes")
 
     def __init__(self) -> None:
         self.host: bytes | None = None
-        self.request_id = ""
-        self.request_id_bytes = b""  # the same, as sent in X-Request-Id (encoded once)
+        self.request_id_bytes = b""  # as sent in X-Request-Id, both ways
         self.framing = NO_BODY
         self.content_length = 0
         self.idempotent = False
@@ -73,6 +78,11 @@ class RequestInfo:
         self.fields: list[bytes] = []    # name, ": ", value, CRLF of each field forwarded unchanged
         self.xff: bytes | None = None       # the client's X-Forwarded-For values, joined
         self.via_seen: bytes | None = None  # the client's Via values, joined
+
+    @property
+    def request_id(self) -> str:
+        """The id as text, for logs and the recorder (heads use request_id_bytes)."""
+        return self.request_id_bytes.decode()
 
 
 # RFC 9110 §9.2.2: idempotent methods may be retried after a partial failure.
@@ -91,6 +101,22 @@ _REQUEST_FIELDS = {
     b"x-forwarded-proto": _DROP, b"x-forwarded-host": _DROP,
 }
 _NOTHING: frozenset[bytes] = frozenset()
+
+# A field name's kind by its exact spelling, learned as names are seen: a peer spells its
+# fields the same way every time, so a field costs one dict lookup and no lower(). Bounded
+# (at most _LEARN_MAX names of at most _LEARN_NAME_MAX bytes: 32 KiB): past that, a peer
+# inventing names gets the lower() path, unlearned.
+_LEARN_MAX = 512
+_LEARN_NAME_MAX = 64
+_request_kinds: dict[bytes, int] = {}
+_response_kinds: dict[bytes, int] = {}
+
+
+def _learn(kinds: dict[bytes, int], known: dict[bytes, int], name: bytes, default: int) -> int:
+    kind = known.get(name.lower(), default)
+    if len(kinds) < _LEARN_MAX and len(name) <= _LEARN_NAME_MAX:
+        kinds[name] = kind
+    return kind
 
 
 def scan_request(head: RequestHead, proxy_name: bytes) -> RequestInfo:
@@ -114,9 +140,8 @@ def scan_request(head: RequestHead, proxy_name: bytes) -> RequestInfo:
         info.problem = "unsupported HTTP version " + head.version.decode("latin-1")
     if head.method == b"CONNECT":
         info.problem = "CONNECT is not supported: gatewise is a reverse proxy"
-    if not info.request_id:
-        info.request_id = new_request_id()
-    info.request_id_bytes = info.request_id.encode()
+    if not info.request_id_bytes:
+        info.request_id_bytes = new_request_id_bytes()
     return info
 
 
@@ -128,9 +153,11 @@ def _scan_fields(head: RequestHead, info: RequestInfo, proxy_name: bytes,
     fields = info.fields
     hosts = 0
     named: set[bytes] | None = None  # built only when there is a Connection field
+    kinds = _request_kinds
     for name, value in head.headers:
-        lname = name.lower()
-        kind = _REQUEST_FIELDS.get(lname, _KEEP)
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _learn(kinds, _REQUEST_FIELDS, name, _KEEP)
         if kind == _KEEP:
             pass
         elif kind == _HOST:
@@ -152,15 +179,15 @@ def _scan_fields(head: RequestHead, info: RequestInfo, proxy_name: bytes,
             continue
         elif kind == _REQUEST_ID:
             if _SANE_ID.fullmatch(value):
-                info.request_id = value.decode()
+                info.request_id_bytes = value
             continue  # set below, once
         elif kind == _VIA:
             info.looped = info.looped or _via_names(value, proxy_name)
-            if lname not in drop:
+            if not drop or name.lower() not in drop:
                 info.via_seen = value if info.via_seen is None else info.via_seen + b", " + value
             continue
         elif kind == _XFF:
-            if lname not in drop:
+            if not drop or name.lower() not in drop:
                 info.xff = value if info.xff is None else info.xff + b", " + value
             continue
         elif kind == _TE:
@@ -177,7 +204,7 @@ def _scan_fields(head: RequestHead, info: RequestInfo, proxy_name: bytes,
             continue
         else:
             continue
-        if drop and lname in drop:
+        if drop and name.lower() in drop:
             continue
         fields += (name, b": ", value, b"\r\n")
     return hosts, _NOTHING if named is None else named - HOP_BY_HOP
@@ -255,6 +282,8 @@ _RESPONSE_FIELDS = {
     # hop-by-hop, or set by gatewise
     b"proxy-connection": _R_DROP, b"te": _R_DROP, b"trailer": _R_DROP, b"x-request-id": _R_DROP,
 }
+# The usual Connection values, as token sets shared by every response (never changed).
+_ONE_TOKEN = {b"keep-alive": frozenset({b"keep-alive"}), b"close": frozenset({b"close"})}
 
 
 def plan_response(head: ResponseHead, *, request_method: bytes, client_version: bytes,
@@ -269,8 +298,7 @@ def plan_response(head: ResponseHead, *, request_method: bytes, client_version: 
     interim = status < 200
     out = [status_line(status, head.reason)]
     tokens, length, chunked, via_seen, date_seen = _response_fields(head, plan, out, _NOTHING)
-    named = tokens - HOP_BY_HOP
-    if named and _names_any(head.headers, named):
+    if tokens and not tokens <= HOP_BY_HOP and _names_any(head.headers, tokens - HOP_BY_HOP):
         # Connection names fields that are hop-by-hop too (RFC 9110 §7.6.1), and they may
         # come before it: again, leaving them out.
         plan, out = ResponsePlan(), [out[0]]
@@ -326,12 +354,14 @@ def _response_fields(head: ResponseHead, plan: ResponsePlan, out: list[bytes], d
     """One pass over the response's fields: the ones forwarded unchanged go to `out`
     (minus those named in `drop`), the rest into `plan` or the result:
     (Connection tokens, Content-Length value, chunked, Via values, Date seen)."""
-    tokens: set[bytes] | frozenset[bytes] = _NOTHING  # a set only when there is a Connection field
+    tokens: set[bytes] | frozenset[bytes] = _NOTHING  # a new set only for an unusual Connection
     length = via_seen = None
     chunked = date_seen = False
+    kinds = _response_kinds
     for name, value in head.headers:
-        lname = name.lower()
-        kind = _RESPONSE_FIELDS.get(lname, _R_KEEP)
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _learn(kinds, _RESPONSE_FIELDS, name, _R_KEEP)
         if kind == _R_KEEP:
             pass
         elif kind == _R_LENGTH:
@@ -348,19 +378,18 @@ def _response_fields(head: ResponseHead, plan: ResponsePlan, out: list[bytes], d
             plan.keepalive_timeout = _keepalive_timeout(value)
             continue
         elif kind == _R_CONNECTION:
-            if tokens is _NOTHING:
-                tokens = set()
-            if b"," in value:
+            if tokens is _NOTHING and value in _ONE_TOKEN:
+                tokens = _ONE_TOKEN[value]
+            else:
+                tokens = set(tokens)  # a copy: the shared sets stay as they are
                 tokens.update(_tokens(value))
-            else:  # one token, as in the usual "keep-alive" or "close"
-                tokens.add(value.strip().lower())
             continue
         elif kind == _R_VIA:
-            if lname not in drop:
+            if not drop or name.lower() not in drop:
                 via_seen = value if via_seen is None else via_seen + b", " + value
             continue
         elif kind == _R_DATE:
-            if lname in drop:
+            if drop and name.lower() in drop:
                 continue
             date_seen = True
         elif kind == _R_UPGRADE:
@@ -369,7 +398,7 @@ def _response_fields(head: ResponseHead, plan: ResponsePlan, out: list[bytes], d
             continue
         else:
             continue
-        if drop and lname in drop:
+        if drop and name.lower() in drop:
             continue
         out += (name, b": ", value, b"\r\n")
     return tokens, length, chunked, via_seen, date_seen

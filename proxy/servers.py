@@ -34,6 +34,12 @@ class State(StrEnum):
     EJECTED = "ejected"
 
 
+# The states as module globals, for the per-request checks: on CPython 3.11 reading a
+# member through its class (State.HEALTHY) goes through EnumType.__getattr__'s slow
+# attribute hook, about 70 ns, where a global costs a few.
+_HEALTHY, _UNKNOWN, _UNHEALTHY, _EJECTED = State.HEALTHY, State.UNKNOWN, State.UNHEALTHY, State.EJECTED
+
+
 # (state, event) -> next state. Events: probe_ok, probe_down (fall reached), probe_up
 # (rise reached), trip (passive threshold), trial_ok, recovered (probe passed after an
 # ejection). Anything not listed leaves the state as it is.
@@ -61,27 +67,36 @@ class HealthPolicy:
     eject_for: float = 30.0
 
 
+# LatencyWindow's size, and the EWMA's weight of the newest sample (reacts within a
+# handful of requests). Module constants: add() runs per request, and a class attribute
+# read through self is the slow lookup.
+_WINDOW = 1024
+_ALPHA = 0.3
+
+
 class LatencyWindow:
     """The last N latencies in a preallocated ring (no growth per request), plus an
     EWMA for p2c_ewma. Percentiles are computed only when someone looks."""
 
     __slots__ = ("_ring", "_next", "_count", "ewma_ms")
-    SIZE = 1024
-    ALPHA = 0.3  # weight of the newest sample: reacts within a handful of requests
     PENALTY_MS = 1000.0
 
     def __init__(self) -> None:
-        self._ring = array("d", bytes(8 * self.SIZE))
+        self._ring = array("d", bytes(8 * _WINDOW))
         self._next = 0
         self._count = 0
         self.ewma_ms = 0.0
 
     def add(self, ms: float) -> None:
-        self._ring[self._next] = ms
-        self._next = (self._next + 1) % self.SIZE
-        if self._count < self.SIZE:
+        i = self._next
+        self._ring[i] = ms
+        self._next = (i + 1) % _WINDOW
+        if self._count < _WINDOW:
             self._count += 1
-        self.ewma_ms = ms if self._count == 1 else self.ewma_ms + self.ALPHA * (ms - self.ewma_ms)
+            if self._count == 1:
+                self.ewma_ms = ms
+                return
+        self.ewma_ms += _ALPHA * (ms - self.ewma_ms)
 
     def penalize(self) -> None:
         """A failure costs like a very slow answer, so p2c_ewma steers away from a server
@@ -156,9 +171,9 @@ class ServerState:
     # -- the balancer's question ----------------------------------------------------------
     def available(self, now: float) -> bool:
         state = self.state
-        if state is State.HEALTHY or state is State.UNKNOWN:
+        if state is _HEALTHY or state is _UNKNOWN:
             return True
-        if state is State.UNHEALTHY or now < self.ejected_until:
+        if state is _UNHEALTHY or now < self.ejected_until:
             return False
         # ejected, cooled down: active checks decide; else one trial request at a time
         return not self.policy.active and not self.trial
@@ -196,7 +211,7 @@ class ServerState:
         with the outcome, so only that attempt decides the trial."""
         self.active_requests += 1
         self.requests_total += 1
-        if self.state is State.EJECTED:
+        if self.state is _EJECTED:
             self.trial = True
             return True
         return False
@@ -212,7 +227,7 @@ class ServerState:
         self.responses_by_class[status // 100 if status < 600 else 5] += 1
         self.latency.add(head_seconds * 1000)
         self.upstream_latency.observe(head_seconds)
-        if trial and self.state is State.EJECTED:
+        if trial and self.state is _EJECTED:
             return self.on_trial_ok()
         return None
 

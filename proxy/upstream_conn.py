@@ -295,9 +295,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange.on_upstream_body(data)
 
     def on_response_end(self, trailers) -> None:
-        self._timer.set(None)
-        ex = self.exchange
-        ex.on_upstream_end(self, trailers)
+        # No timer move here: the exchange now hands this connection to Server.release,
+        # which pools it (release() re-arms the timer for idleness) or closes it (cancels).
+        self.exchange.on_upstream_end(self, trailers)
 
     # -- failures -------------------------------------------------------------------------
     def _lost(self, why: str) -> None:

@@ -253,3 +253,19 @@ def test_p2c_ewma_tries_unmeasured_servers_first():
     new = ServerState("http://n:2", "n", 2)
     b = make_balancer("p2c_ewma", [measured, new], rng=random.Random(3))
     assert b.pick(0.0) is new
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_sole_primary_is_picked_while_it_is_a_candidate(kind):
+    """One primary: every kind picks it (no kind is asked); excluded or unavailable, the
+    backups decide, and with none there is nothing to pick."""
+    p, bk = srv("p", weight=3), srv("bk", backup=True)
+    b = make_balancer(kind, [p, bk], rng=random.Random(1))
+    assert names(b, 5) == "ppppp" and p.current_weight == 0
+    assert b.pick(0.0, exclude=[p]) is bk
+    p.up = False
+    assert b.pick(0.0) is bk
+    a = srv("a")
+    alone = make_balancer(kind, [a], rng=random.Random(1))
+    assert alone.pick(0.0) is a
+    assert alone.pick(0.0, exclude=[a]) is None

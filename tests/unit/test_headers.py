@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from proxy import headers as H
@@ -203,3 +205,44 @@ def test_status_line_keeps_a_nonstandard_reason():
     assert H.status_line(200, b"OK") == H.status_line(200) == b"HTTP/1.1 200 OK\r\n"
     assert H.status_line(200, b"Fine") == b"HTTP/1.1 200 Fine\r\n"
     assert H.status_line(299) == b"HTTP/1.1 299 Unknown\r\n"
+
+
+def test_several_connection_fields_add_up_and_the_shared_token_sets_stay_as_they_are():
+    p = plan(headers=[(b"Connection", b"keep-alive"), (b"X-Hop", b"1"), (b"Connection", b"X-Hop"),
+                      (b"Content-Length", b"0")])
+    assert b"X-Hop: 1" not in lines(p.head) and p.upstream_keep_alive
+    p = plan(headers=[(b"Connection", b"keep-alive"), (b"Connection", b"close"), (b"Content-Length", b"0")])
+    assert not p.upstream_keep_alive
+    assert H._ONE_TOKEN == {b"keep-alive": frozenset({b"keep-alive"}), b"close": frozenset({b"close"})}
+    assert plan(headers=[(b"Connection", b"keep-alive"), (b"Content-Length", b"0")]).upstream_keep_alive
+    assert not plan(headers=[(b"Connection", b"close"), (b"Content-Length", b"0")]).upstream_keep_alive
+
+
+@pytest.mark.parametrize("learn_max", [0, 2, 512])
+def test_field_kinds_do_not_depend_on_spelling_or_on_what_was_learned(monkeypatch, learn_max):
+    """Kinds are learned by exact spelling, up to _LEARN_MAX spellings; past that, a new
+    spelling is still classified, just not remembered."""
+    monkeypatch.setattr(H, "_LEARN_MAX", learn_max)
+    monkeypatch.setattr(H, "_request_kinds", {})
+    monkeypatch.setattr(H, "_response_kinds", {})
+    for _ in range(2):  # learning, then learned (or not, past the limit)
+        for length in (b"Content-Length", b"content-length", b"CONTENT-LENGTH"):
+            p = plan(headers=[(b"X-A", b"1"), (length, b"3"), (b"Keep-Alive", b"timeout=5")])
+            assert p.framing == H.LENGTH and p.keepalive_timeout == 5.0
+            assert lines(p.head)[1:3] == [b"X-A: 1", b"Via: 1.1 gatewise"]
+            info, out = build([(b"HOST", b"a"), (length, b"3"), (b"x-forwarded-for", b"1.2.3.4")])
+            assert info.host == b"a" and info.framing == H.LENGTH and info.content_length == 3
+            assert b"X-Forwarded-For: 1.2.3.4, 10.0.0.7" in out
+    assert len(H._request_kinds) <= learn_max and len(H._response_kinds) <= learn_max
+    long_name = b"X-" + b"n" * H._LEARN_NAME_MAX
+    assert b"%s: 1" % long_name in lines(plan(headers=[(long_name, b"1")]).head)
+    assert long_name not in H._response_kinds  # long names are classified, never kept
+
+
+def test_generated_request_ids_are_24_hex_digits_as_bytes_and_text():
+    ids = {H.new_request_id_bytes() for _ in range(100)}
+    assert len(ids) == 100 and all(re.fullmatch(rb"[0-9a-f]{24}", i) for i in ids)
+    assert re.fullmatch(r"[0-9a-f]{24}", H.new_request_id())
+    info, out = build([(b"Host", b"a")])
+    assert out[-1] == b"X-Request-Id: " + info.request_id_bytes
+    assert info.request_id == info.request_id_bytes.decode()
