@@ -4,10 +4,14 @@ uvloop hands each read to the protocol as a new bytes object of up to 256 KiB. W
 glibc's defaults such a block is either mmap()ed and munmap()ed per read, or, once the
 dynamic threshold has grown past it, freed at the top of the heap, where glibc trims
 the heap (brk) as soon as more than twice that threshold is free. Either way every
-large read pays syscalls and page faults. Measured (benchmarks/README.md): POST 300 KB
-at c50 went from 223 to 139 µs of CPU per request, GET 1 MiB from 433 to 392. Fixing both thresholds keeps such blocks in the heap and the heap
-from being trimmed below TRIM_THRESHOLD, the way nginx keeps its buffers. The cost is
-that RSS does not shrink after a burst by more than that much.
+large read pays syscalls and page faults.
+
+Fixing both thresholds keeps such blocks in the heap, and keeps up to TRIM_THRESHOLD of
+free heap instead of giving it back after every read, the way nginx keeps its buffers.
+The cost: RSS does not shrink after a burst by up to that much. Measured
+(benchmarks/README.md, `bench.py --src before --src after`): POST 300 KB at c50 went
+from 223 to 139 µs of CPU per request, GET 1 MiB from 433 to 392. 8 MiB kept the gain
+with RSS flat across repetitions; 32 MiB let RSS creep up by 5 MiB over a full run.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ import ctypes.util
 M_TRIM_THRESHOLD = -1   # from glibc's <malloc.h>
 M_MMAP_THRESHOLD = -3
 
-MMAP_THRESHOLD = 4 * 1024 * 1024   # reads (<= 256 KiB) always come from the heap
-TRIM_THRESHOLD = 32 * 1024 * 1024  # free heap kept before giving it back
+MMAP_THRESHOLD = 1024 * 1024       # reads (<= 256 KiB) always come from the heap
+TRIM_THRESHOLD = 8 * 1024 * 1024    # free heap kept before giving it back
 
 
 def keep_read_buffers() -> bool:

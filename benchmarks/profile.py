@@ -1,0 +1,153 @@
+"""Instructions per request on the hot path, counted by valgrind's callgrind.
+
+    .venv/bin/python benchmarks/profile.py [--connections 10] [--requests 200] [--src DIR]
+
+Wall-clock figures on a shared 2-core VM move by 10% between runs; instruction counts
+do not (about ±0.1% here), so this is how a hot-path change is judged before `make
+bench` confirms it. It measures user space only: the kernel's share (recv/send,
+epoll) is invisible to callgrind; `bench.py`'s CPU µs/request includes it.
+
+1. starts a backend (`gatewise faults --mode ok`, not under valgrind);
+2. starts gatewise under `valgrind --tool=callgrind --instr-atstart=no` with the
+   default features except active health checks (a probe every 2 s would land in the
+   count at random), on free loopback ports;
+3. warms up with 5 requests per connection, switches instrumentation on, sends
+   `--connections` keep-alive connections x `--requests` GET / (each connection one
+   request at a time, all of them interleaved), switches it off and dumps;
+4. prints Ir (instructions) per request, and where the callgrind file is, for
+   `callgrind_annotate FILE` (`--inclusive=yes` for the call tree).
+
+Needs valgrind (Debian: `apt-get install valgrind`). Loopback only; every process it
+starts is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import selectors
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: profile\r\nAccept: */*\r\n\r\n"
+BODY = b"hello\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(pattern: str, path: Path, proc: subprocess.Popen, timeout: float) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(pattern, path.read_text(errors="replace")) if path.exists() else None
+        if m:
+            return m
+        if proc.poll() is not None:
+            raise SystemExit(f"exited {proc.returncode} before {pattern!r}:\n{path.read_text()[-2000:]}")
+        time.sleep(0.1)  # polling a log file
+    raise SystemExit(f"no {pattern!r} within {timeout:g} s:\n{path.read_text()[-2000:]}")
+
+
+def load(port: int, connections: int, requests: int) -> None:
+    """`connections` keep-alive connections, `requests` GETs each, one in flight per
+    connection; returns when every response has arrived."""
+    sel = selectors.DefaultSelector()
+    left: dict[socket.socket, list] = {}
+    for _ in range(connections):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.setblocking(False)
+        left[s] = [requests, b""]
+        s.send(REQUEST)
+        sel.register(s, selectors.EVENT_READ)
+    done = 0
+    while done < connections:
+        events = sel.select(30)
+        if not events:
+            raise SystemExit("no response for 30 s")
+        for key, _ in events:
+            s = key.fileobj
+            state = left[s]
+            data = s.recv(65536)
+            if not data:
+                raise SystemExit("the proxy closed a connection")
+            state[1] += data
+            while BODY in state[1]:  # the body ends each response; heads never contain it
+                state[1] = state[1][state[1].index(BODY) + len(BODY):]
+                state[0] -= 1
+                if state[0] == 0:
+                    sel.unregister(s)
+                    s.close()
+                    done += 1
+                    break
+                s.send(REQUEST)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--connections", type=int, default=10)
+    p.add_argument("--requests", type=int, default=200, help="per connection")
+    p.add_argument("--src", type=Path, default=ROOT, help="the gatewise tree to measure")
+    p.add_argument("--python", default=sys.executable)
+    args = p.parse_args(argv)
+    for tool in ("valgrind", "callgrind_control"):
+        if shutil.which(tool) is None:
+            print(f"profile: {tool} not found (Debian: apt-get install valgrind)", file=sys.stderr)
+            return 2
+    src = args.src.resolve()
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONHASHSEED": "0"}
+    tmp = Path(tempfile.mkdtemp(prefix="gatewise-profile-"))
+    procs: list[subprocess.Popen] = []
+    try:
+        backend_log = tmp / "backend.log"
+        backend = subprocess.Popen([args.python, "-m", "proxy", "faults", "--listen", "127.0.0.1:0", "--mode", "ok"],
+                                   cwd=src, env=env, stdout=backend_log.open("wb"), stderr=subprocess.STDOUT)
+        procs.append(backend)
+        backend_port = int(_wait(r"127\.0\.0\.1:(\d+)", backend_log, backend, 15)[1])
+        port = _free_port()
+        cfg = tmp / "gatewise.toml"
+        cfg.write_text(f'[listen]\naddress = "127.0.0.1:{port}"\n[admin]\naddress = "127.0.0.1:0"\n'
+                       f'[[pools.app.servers]]\nurl = "http://127.0.0.1:{backend_port}"\n')
+        out = tmp / "callgrind.out"
+        log = tmp / "gatewise.log"
+        gw = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+                               args.python, "-m", "proxy", "run", "-c", str(cfg)],
+                              cwd=src, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        procs.append(gw)
+        _wait(r'"event":"listening"', log, gw, 120)  # Python under valgrind starts slowly
+        load(port, args.connections, 5)
+        subprocess.run(["callgrind_control", "-i", "on", str(gw.pid)], check=True, capture_output=True)
+        load(port, args.connections, args.requests)
+        subprocess.run(["callgrind_control", "-i", "off", str(gw.pid)], check=True, capture_output=True)
+        subprocess.run(["callgrind_control", "-d", str(gw.pid)], check=True, capture_output=True)
+        dumps = sorted(tmp.glob("callgrind.out*"), key=lambda f: f.stat().st_mtime)
+        totals = [int(m[1]) for f in dumps if (m := re.search(r"^totals:\s+(\d+)", f.read_text(), re.M))]
+        if not totals:
+            raise SystemExit(f"no callgrind totals in {tmp}")
+        n = args.connections * args.requests
+        print(f"{max(totals) / n:,.0f} instructions per request ({args.connections} connections x "
+              f"{args.requests} GET /, {src})")
+        print(f"callgrind file: {max(dumps, key=lambda f: f.stat().st_size)}")
+        return 0
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
