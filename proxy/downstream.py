@@ -120,7 +120,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._timer.cancel()
+        self._timer.close()
         proxy = self.proxy
         proxy.connections.discard(self)
         if proxy.draining and not proxy.connections:
@@ -131,6 +131,10 @@ class DownstreamProtocol(asyncio.Protocol):
         if self._tunnel is not None:
             self._tunnel.detach()
         self.queue.clear()
+        # Break the cycles through this protocol (parser, exchanges): freed now, not
+        # whenever the cyclic GC runs. A cancelled exchange keeps its own reference.
+        self._parser.close()
+        self.current = self.receiving = self._refused_head = self._tunnel = None
 
     def pause_writing(self) -> None:
         self._write_paused = True

@@ -20,6 +20,10 @@ HIGH_WATER = 64 * 1024
 LOW_WATER = 16 * 1024
 
 
+def _nothing() -> None:
+    pass
+
+
 class Deadline:
     __slots__ = ("_loop", "_callback", "_when", "_handle", "_at")
 
@@ -56,6 +60,12 @@ class Deadline:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+
+    def close(self) -> None:
+        """Cancel for good and drop the callback (a bound method of the connection that
+        owns this timer), so that connection is freed without the cyclic GC."""
+        self.cancel()
+        self._callback = _nothing
 
     def _fire(self) -> None:
         self._handle = None

@@ -188,7 +188,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._lost("upstream reset the connection (RST)")
         else:
             self._lost(f"connection lost: {exc}")
-        self._timer.cancel()
+        self._timer.close()
+        self._parser.close()
         self.state = CLOSED
 
     def pause_writing(self) -> None:

@@ -51,6 +51,12 @@ class H11RequestParser:
         self._head_buf = bytearray()
         self._upgrade = False
 
+    def close(self) -> None:
+        """The connection is gone: drop the references back to its protocol, so the
+        protocol, this adapter and the h11 state are freed at once instead of waiting for the
+        cyclic garbage collector (measured: RSS crept up by several MiB under load)."""
+        self._h = None
+
     def feed(self, data: bytes) -> bytes | None:
         while True:
             if self._conn is None:  # waiting for a head: check it raw first
@@ -130,6 +136,12 @@ class H11ResponseParser:
         self._conn = conn
         self._head_buf = bytearray()
         self._head_checked = False
+
+    def close(self) -> None:
+        """The connection is gone: drop the references back to its protocol, so the
+        protocol, this adapter and the h11 state are freed at once instead of waiting for the
+        cyclic garbage collector (measured: RSS crept up by several MiB under load)."""
+        self._h = None
 
     def feed(self, data: bytes) -> bytes | None:
         conn = self._conn

@@ -56,6 +56,13 @@ class LlhttpRequestParser:
         self._in_head = False
         self._body = False
 
+    def close(self) -> None:
+        """The connection is gone: drop the references back to its protocol, so the
+        protocol, this adapter and the llhttp parser are freed at once instead of waiting for the
+        cyclic garbage collector (measured: RSS crept up by several MiB under load)."""
+        self._h = None
+        self._p = None
+
     def feed(self, data: bytes) -> bytes | None:
         """Parse data; returns the bytes after an upgrade request's head (the start of
         the tunnel), else None."""
@@ -139,6 +146,13 @@ class LlhttpResponseParser:
         self._outstanding = True
         self._in_head = True
         self._raw = 0
+
+    def close(self) -> None:
+        """The connection is gone: drop the references back to its protocol, so the
+        protocol, this adapter and the llhttp parser are freed at once instead of waiting for the
+        cyclic garbage collector (measured: RSS crept up by several MiB under load)."""
+        self._h = None
+        self._p = None
 
     def feed(self, data: bytes) -> bytes | None:
         """Parse data; returns the bytes after a 101 response's head, else None."""
