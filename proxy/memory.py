@@ -10,8 +10,8 @@ Fixing both thresholds keeps such blocks in the heap, and keeps up to TRIM_THRES
 free heap instead of giving it back after every read, the way nginx keeps its buffers.
 The cost: RSS does not shrink after a burst by up to that much. Measured
 (benchmarks/README.md, `bench.py --src before --src after`): POST 300 KB at c50 went
-from 223 to 139 µs of CPU per request, GET 1 MiB from 433 to 392. 8 MiB kept the gain
-with RSS flat across repetitions; 32 MiB let RSS creep up by 5 MiB over a full run.
+from 223 to 139 µs of CPU per request, GET 1 MiB from 433 to 392. 8 MiB of kept heap
+gives the same gain as 32 MiB, for less memory held after a burst.
 """
 
 from __future__ import annotations
