@@ -195,9 +195,8 @@ def make_app(sources: AdminSources) -> web.Application:
             for server in pool.get("servers", []):
                 if server.get("url") in reasons:
                     server["reason"] = reasons[server["url"]]
-        workers = getattr(sources, "workers", None)
         return _text(render_debug_page(upstreams, await _value(sources.requests()), time.time(),
-                                       await _value(workers()) if workers else None), HTML_TYPE)
+                                       await _value(sources.workers())), HTML_TYPE)
 
     async def metrics(_: web.Request) -> web.Response:
         return _text(render_metrics(await _value(sources.metrics())), METRICS_CONTENT_TYPE)

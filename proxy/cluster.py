@@ -117,10 +117,11 @@ def percentiles(samples: list[float]) -> dict:
     return {"p50": round(values[int(last * 0.50)], 2), "p99": round(values[int(last * 0.99)], 2)}
 
 
-def _matching(pools: dict, pool: str, index: int, url: str) -> dict | None:
-    """The worker's entry for the same server (a worker mid-reload may differ: skip it)."""
+def _matching(pools: dict, pool: str, index: int, key: str, value: str) -> dict | None:
+    """The worker's entry for the same server, identified by `key` ("url" in upstream
+    snapshots, "address" in metrics); a worker mid-reload may differ: skip it."""
     servers = (pools.get(pool) or {}).get("servers") or []
-    if index < len(servers) and servers[index].get("url") == url:
+    if index < len(servers) and servers[index].get(key) == value:
         return servers[index]
     return None
 
@@ -138,7 +139,7 @@ def merge_upstreams(base: dict, workers: list[dict]) -> dict:
             samples: list[float] = []
             endpoints = server.get("endpoints") or []
             for snapshot in workers:
-                theirs = _matching(snapshot.get("pools") or {}, pool_name, index, server["url"])
+                theirs = _matching(snapshot.get("pools") or {}, pool_name, index, "url", server["url"])
                 if theirs is None:
                     continue
                 for key in ("active_requests", "idle_connections", "requests_total", "failures_total"):
@@ -173,15 +174,14 @@ def merge_metrics(base: dict, workers: list[dict]) -> dict:
         for index, server in enumerate(pool["servers"]):
             merged = {**server, "responses_by_class": {}, "failures_by_error": {}, "latency": None}
             for snapshot in workers:
-                theirs_pool = (snapshot.get("pools") or {}).get(pool_name) or {}
-                theirs = theirs_pool.get("servers") or []
-                if index >= len(theirs) or theirs[index].get("address") != server["address"]:
+                theirs = _matching(snapshot.get("pools") or {}, pool_name, index, "address", server["address"])
+                if theirs is None:
                     continue
                 merged["responses_by_class"] = _sum_counts(merged["responses_by_class"],
-                                                           theirs[index].get("responses_by_class") or {})
+                                                           theirs.get("responses_by_class") or {})
                 merged["failures_by_error"] = _sum_counts(merged["failures_by_error"],
-                                                          theirs[index].get("failures_by_error") or {})
-                merged["latency"] = merge_histograms(merged["latency"], theirs[index].get("latency"))
+                                                          theirs.get("failures_by_error") or {})
+                merged["latency"] = merge_histograms(merged["latency"], theirs.get("latency"))
             servers.append(merged)
         for snapshot in workers:
             latency = merge_histograms(latency, ((snapshot.get("pools") or {}).get(pool_name) or {})

@@ -147,6 +147,13 @@ class Proxy:
                 last = exc
         raise last
 
+    def close_idle(self) -> None:
+        """Close every pooled upstream connection (stop, reload)."""
+        for pool in self.pools.values():
+            for idle in pool.idle.values():
+                for conn in idle.drain():
+                    conn.close()
+
     def release(self, conn: UpstreamConnection, request_complete: bool) -> None:
         """An exchange finished on conn: pool it when both sides allow, else close it."""
         # Bytes still queued to the upstream mean it has not read all of this request.
@@ -321,10 +328,7 @@ class Server:
         old.draining = True  # what the old runtime still releases is closed, not pooled
         for conn in list(old.connections):
             conn.drain()
-        for pool in old.pools.values():
-            for idle in pool.idle.values():
-                for c in idle.drain():
-                    c.close()
+        old.close_idle()
         return notes
 
     async def stop(self, grace: float | None = None) -> None:
@@ -344,10 +348,7 @@ class Server:
                 log_event("drain_timeout", aborted=len(proxy.connections))
         for conn in list(proxy.connections):
             conn.abort()
-        for pool in proxy.pools.values():
-            for idle in pool.idle.values():
-                for c in idle.drain():
-                    c.close()
+        proxy.close_idle()
         await self._server.wait_closed()
         for old in self._retired:
             for conn in list(old.connections):

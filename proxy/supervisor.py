@@ -85,7 +85,6 @@ class Supervisor:
         self.workers = [WorkerHandle(i) for i in range(cfg.listen.workers)]
         self.stopping = False
         self.started = False
-        self.failed = asyncio.Event()  # a worker could not start: give up
         self._checkers: list[HealthChecker] = []
         self._reservation: socket.socket | None = None
         self.host, self.port = cfg.listen.host, cfg.listen.port
@@ -123,26 +122,11 @@ class Supervisor:
             log_event("warning", message=warning)
         for handle in self.workers:
             await self._spawn(handle)
-        await self._wait_ready([h.ready for h in self.workers])
+        try:  # a worker that exits first fails its `ready` (see _watch)
+            await asyncio.wait_for(asyncio.gather(*(h.ready for h in self.workers)), START_TIMEOUT)
+        except TimeoutError:
+            raise OSError(f"workers not listening after {START_TIMEOUT:g} s") from None
         self.started = True
-
-    async def _wait_ready(self, waiting: list[asyncio.Future]) -> None:
-        loop = asyncio.get_running_loop()
-        failed = loop.create_task(self.failed.wait())
-        try:
-            done, _ = await asyncio.wait([*waiting, failed], timeout=START_TIMEOUT,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            while not failed.done() and not all(f.done() for f in waiting):
-                done, _ = await asyncio.wait([f for f in (*waiting, failed) if not f.done()],
-                                             timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    break
-            if failed.done():
-                raise OSError("a worker could not start (its log line says why)")
-            if not all(f.done() for f in waiting):
-                raise OSError(f"workers not listening after {START_TIMEOUT:g} s")
-        finally:
-            failed.cancel()
 
     async def stop(self) -> None:
         """Every worker drains (SIGTERM), then the supervisor's own parts stop."""
@@ -262,10 +246,11 @@ class Supervisor:
             return
         log_event("worker_exited", worker=handle.index, pid=process.pid, lived_s=round(lived, 3), **fields)
         if not handle.ready.done():
-            handle.ready.cancel()
             if not self.started:  # never got to listen at start: a config or bind problem
-                self.failed.set()
+                handle.ready.set_exception(OSError(f"worker {handle.index} exited before listening "
+                                                   f"(its log line says why)"))
                 return
+            handle.ready.cancel()
         handle.quick_deaths = 0 if lived >= STABLE_AFTER else handle.quick_deaths + 1
         delay = min(MAX_BACKOFF, 0.1 * 2 ** (handle.quick_deaths - 1)) if handle.quick_deaths else 0.0
         if delay:
@@ -299,7 +284,7 @@ class Supervisor:
             return  # about a server of the config before a reload
         server = pool.servers[index]
         if message["t"] == "trial_ok":
-            change = server.on_trial_ok() if server.state == "ejected" else None
+            change = server.on_trial_ok()  # None unless ejected (the transition table)
             fields = {"by": "trial request"}
         else:
             change = server.on_failure(message["error"], message["details"], self.proxy.loop.time(),

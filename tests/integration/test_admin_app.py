@@ -96,6 +96,10 @@ class FakeSources:
     def out_reasons(self) -> dict[str, str]:
         return {}
 
+    def workers(self) -> list[dict]:
+        return [{"index": 0, "pid": 1, "alive": True, "started_at": 0.0, "restarts": 0,
+                 "client_connections": 0, "requests_total": 0}]
+
 
 @pytest.fixture
 async def admin():

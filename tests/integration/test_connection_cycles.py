@@ -17,14 +17,6 @@ def live(kind) -> int:
     return sum(1 for o in gc.get_objects() if type(o) is kind)
 
 
-def close_idle(proxy) -> None:
-    """Close every pooled upstream connection (in a function: no local keeps one alive)."""
-    for pool in proxy.pools.values():
-        for idle in pool.idle.values():
-            for conn in idle.drain():
-                conn.close()
-
-
 async def test_closed_client_and_upstream_connections_are_freed_without_the_cyclic_gc(upstream, gateway):
     up = await upstream("ok")
     gw = await gateway([up])
@@ -39,7 +31,7 @@ async def test_closed_client_and_upstream_connections_are_freed_without_the_cycl
         await eventually(lambda: not gw.proxy.connections, "every client connection closed")
         # "Connection: close" to the client; the upstream connection is pooled, so close
         # those too and wait until the proxy has seen them go
-        close_idle(gw.proxy)
+        gw.proxy.close_idle()  # a method: no local of this test keeps a connection alive
         await eventually(lambda: live(UpstreamConnection) == 0, "every upstream connection freed")
         assert live(DownstreamProtocol) - before_clients <= 1, \
             f"{live(DownstreamProtocol) - before_clients} closed client connections still alive"
