@@ -446,3 +446,52 @@ def test_response_parser_reusable_across_keepalive(kind):
         parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n%d" % i)
         assert parser.reusable
     assert [e for e in rec.events if e[0] == "body"] == [("body", b"0"), ("body", b"1"), ("body", b"2")]
+
+
+# -- the version read from the chunk (llhttp adapter) -------------------------------------------
+# The llhttp adapter reads a message's version from its start line when the message begins
+# the chunk being fed, and asks httptools otherwise. Cut in two at every byte, each stream
+# must give the versions h11 gives: mixed versions in one chunk, a head cut anywhere, and
+# a header value that looks like a start line right where a chunk begins.
+VERSION_REQUESTS = [  # (stream, the versions of its requests)
+    (_req(b"GET /a HTTP/1.0", H), [b"1.0"]),
+    (_req(b"GET /a HTTP/1.1", H) + _req(b"GET /a HTTP/1.0", H), [b"1.1", b"1.0"]),
+    (_req(b"GET /a HTTP/1.0", H, b"Connection: keep-alive") + _req(b"GET /a HTTP/1.1", H), [b"1.0", b"1.1"]),
+    (_req(b"POST /a HTTP/1.0", H, b"Content-Length: 16", b"Connection: keep-alive",
+          body=b" HTTP/1.1\r\nX: y\r\n") + _req(b"GET /a HTTP/1.1", H), [b"1.0", b"1.1"]),
+    (_req(b"GET /HTTP/1.1 HTTP/1.0", H, b"X-A: GET /a HTTP/1.1"), [b"1.0"]),
+]
+VERSION_RESPONSES = [  # (stream, the versions of its heads) after a POST
+    (b"HTTP/1.0 200 OK\r\nX-A: HTTP/1.1 x\r\nContent-Length: 0\r\n\r\n", [b"1.0"]),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", [b"1.1", b"1.0"]),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 9\r\n\r\nHTTP/1.1 ", [b"1.0"]),
+]
+
+
+@pytest.mark.parametrize("data,expected", VERSION_REQUESTS, ids=range(len(VERSION_REQUESTS)))
+def test_request_version_at_every_cut(data, expected):
+    def versions(kind: str, pieces: list[bytes]) -> list[bytes]:
+        rec = RequestRecorder()
+        parser = make_request_parser(kind, rec, MAX_HEAD)
+        for piece in pieces:
+            parser.feed(piece)
+        return [m.head[2] for m in rec.messages]
+
+    assert versions("h11", [data]) == expected
+    for cut in range(len(data) + 1):
+        assert versions("llhttp", [data[:cut], data[cut:]]) == expected, cut
+
+
+@pytest.mark.parametrize("data,expected", VERSION_RESPONSES, ids=range(len(VERSION_RESPONSES)))
+def test_response_version_at_every_cut(data, expected):
+    def versions(kind: str, pieces: list[bytes]) -> list[bytes]:
+        rec = ResponseRecorder()
+        parser = make_response_parser(kind, rec, MAX_HEAD)
+        parser.start(b"POST")
+        for piece in pieces:
+            parser.feed(piece)
+        return [e[3] for e in rec.events if e[0] == "head"]
+
+    assert versions("h11", [data]) == expected
+    for cut in range(len(data) + 1):
+        assert versions("llhttp", [data[:cut], data[cut:]]) == expected, cut
