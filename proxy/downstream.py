@@ -41,7 +41,7 @@ class _Rejection:
 
 class DownstreamProtocol(asyncio.Protocol):
     __slots__ = ("proxy", "loop", "transport", "gate", "client_ip", "_parser", "_timer", "state",
-                 "current", "receiving", "queue", "closing", "_wbuf", "_write_paused",
+                 "current", "receiving", "queue", "closing", "_wbuf", "out", "_write_paused",
                  "_closed", "_tunnel", "_refused_head", "_head_deadline", "_next_waits", "_flush_pending")
 
     def __init__(self, proxy) -> None:
@@ -59,6 +59,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self.queue: deque[Exchange | _Rejection] = deque()
         self.closing = False                     # answer what is in flight, then close
         self._wbuf: list[bytes] = []
+        # out(data): queue bytes for the client, sent by flush(). The list's own append:
+        # called for every piece of every response, it costs no Python frame.
+        self.out = self._wbuf.append
         self._write_paused = False
         self._closed = False
         self._tunnel: Exchange | None = None
@@ -308,10 +311,8 @@ class DownstreamProtocol(asyncio.Protocol):
             conn.transport.write(data)
 
     # -- output ---------------------------------------------------------------------------
-    def out(self, data: bytes) -> None:
-        self._wbuf.append(data)
-
     def flush(self) -> None:
+        self._flush_pending = False
         buf = self._wbuf
         if buf and not self._closed:
             if len(buf) == 1:
@@ -321,7 +322,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.transport.write(b"".join(buf))
             else:
                 self.transport.writelines(buf)
-            self._wbuf = []
+            buf.clear()  # the transport keeps the bytes, not the list
 
     def flush_soon(self) -> None:
         """Flush once the callbacks of this loop iteration have run: the responses that
@@ -330,11 +331,7 @@ class DownstreamProtocol(asyncio.Protocol):
         requests per second than a write per response as it ends)."""
         if self._wbuf and not self._flush_pending:
             self._flush_pending = True
-            self.loop.call_soon(self._flush_now)
-
-    def _flush_now(self) -> None:
-        self._flush_pending = False
-        self.flush()
+            self.loop.call_soon(self.flush)
 
     def close(self) -> None:
         self.flush()
@@ -342,7 +339,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self.transport.close()  # flushes what is buffered, then closes
 
     def abort(self) -> None:
-        self._wbuf = []
+        self._wbuf.clear()
         if self.transport is not None:
             self.transport.abort()
 
