@@ -15,7 +15,9 @@ One run:
    health checks, passive checks, admin listener with /metrics and /debug, the recorder,
    request ids, X-Forwarded-*, Via), nginx as a proxy (1 worker, upstream keepalive 32,
    HTTP/1.1 upstream, no disk buffering), and HAProxy (1 thread, http-reuse always) when
-   `haproxy` is installed (never installed by this script).
+   `haproxy` is installed (never installed by this script), and "floor"
+   (benchmarks/floor.py: the least a Python forwarder does per request on gatewise's
+   stack, uvloop + httptools with no features), pinned like the proxies.
 4. pins the proxy under test to CPU 0 and the backend and `wrk -t1` to CPU 1 (taskset,
    2+ CPUs; `--no-pin` to skip; for GET / c1 the proxy joins them on CPU 1, as in the
    issue's c1 figure: across cores a c1 ping-pong measures wake-ups, not the proxy), and
@@ -23,10 +25,11 @@ One run:
    "direct" (wrk -> backend) and each proxy, interleaved: each repetition runs every
    scenario, and inside a scenario every target in turn. Medians are reported.
 5. prints one table: req/s, p50/p99, CPU us/request of the proxy's processes
-   (utime+stime from /proc/<pid>/stat over the wrk run / responses), MiB/s of body
+   (utime+stime from /proc/<pid>/stat over the wrk run / responses; stime also apart, as
+   "of it kernel"), MiB/s of body
    scenarios, ratios to nginx and to direct; then the added latency at c1 (p50 - direct
    p50), the proxies' RSS across the run, and the issue 5 targets.
-6. measures idle keep-alive client connections: fresh proxies, N connections (default
+6. measures idle keep-alive client connections: fresh proxies (not the floor), N connections (default
    10,000) that each made one request and stay open; RSS per connection.
 7. writes everything as JSON to benchmarks/results/<timestamp>.json (or --json FILE).
 
@@ -238,17 +241,18 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    """utime+stime of the processes (all their threads), in seconds."""
-    total = 0
+def _cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """(utime, stime) of the processes (all their threads), in seconds."""
+    user = system = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rpartition(")")[2].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])   # fields 14 and 15 of stat(5)
-    return total / CLK_TCK
+        user += int(fields[11])   # fields 14 and 15 of stat(5)
+        system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def _rss_kib(pids: list[int]) -> int:
@@ -318,7 +322,7 @@ def _check_imports(python: str, tree: Path) -> str | None:
 @dataclass
 class Target:
     name: str
-    kind: str                          # direct | gatewise | nginx | haproxy
+    kind: str                          # direct | gatewise | nginx | haproxy | floor
     port: int
     proc: subprocess.Popen | None = None
     info: dict | None = None
@@ -530,6 +534,16 @@ backend be
         _wait_port(port, proc, "haproxy", log)
         return Target("haproxy", "haproxy", port, proc, {"config": conf.read_text()})
 
+    def start_floor(self) -> Target:
+        base = self.tmp / "floor"
+        base.mkdir(exist_ok=True)
+        log = base / "stderr.log"
+        proc = self._spawn(self.pin(self.proxy_cpu) + [self.python, str(ROOT / "benchmarks" / "floor.py"),
+                                                       "--listen", "127.0.0.1:0",
+                                                       "--upstream", f"127.0.0.1:{self.backend.port}"], log)
+        port = int(_wait_log(log, r"floor listening on 127\.0\.0\.1:(\d+)", proc, "floor")[1])
+        return Target("floor", "floor", port, proc)
+
     def post_script(self, size: int) -> Path:
         path = self.tmp / f"post-{size}.lua"
         if not path.exists():
@@ -558,9 +572,10 @@ def run_wrk(lab: Lab, target: Target, sc: Scenario, duration: int) -> dict:
     if move:
         _set_affinity(pids, lab.load_cpu)
     try:
-        cpu0 = _cpu_seconds(pids)
+        user0, sys0 = _cpu_seconds(pids)
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
-        cpu = _cpu_seconds(pids) - cpu0
+        user1, sys1 = _cpu_seconds(pids)
+        cpu, system = user1 - user0 + sys1 - sys0, sys1 - sys0
     finally:
         if move:
             _set_affinity(pids, lab.proxy_cpu)
@@ -585,6 +600,7 @@ def run_wrk(lab: Lab, target: Target, sc: Scenario, duration: int) -> dict:
             raise BenchError(f"{target.name} exited during the run (exit {target.proc.returncode})")
         r["cpu_s"] = cpu
         r["cpu_us_per_req"] = cpu / requests * 1e6 if requests else float("nan")
+        r["sys_us_per_req"] = system / requests * 1e6 if requests else float("nan")  # the kernel's part
         r["rss_kib"] = _rss_kib(pids)
     return r
 
@@ -691,7 +707,7 @@ def summarize(runs: list[dict], scenarios: list[Scenario], names: list[str]) -> 
             if not rs:
                 continue
             row = {k: statistics.median(r[k] for r in rs)
-                   for k in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "mib_s") if k in rs[0]}
+                   for k in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "sys_us_per_req", "mib_s") if k in rs[0]}
             row["errors"] = sum(r["socket_errors"] + r["non_2xx"] for r in rs)
             row["runs"] = len(rs)
             rows[name] = row
@@ -706,8 +722,9 @@ def summarize(runs: list[dict], scenarios: list[Scenario], names: list[str]) -> 
 
 
 def table(summary: dict, scenarios: list[Scenario], names: list[str]) -> list[str]:
-    lines = ["| scenario | target | req/s | x nginx | x direct | p50 ms | p99 ms | CPU us/req | CPU x nginx | MiB/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| scenario | target | req/s | x nginx | x direct | p50 ms | p99 ms | CPU us/req | of it kernel "
+             "| CPU x nginx | MiB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for sc in scenarios:
         for name in names:
             row = summary[sc.name].get(name)
@@ -715,7 +732,8 @@ def table(summary: dict, scenarios: list[Scenario], names: list[str]) -> list[st
                 continue
             lines.append(f"| {sc.title} | {name} | {row['rps']:,.0f} | {_fmt(row.get('rps_vs_nginx'), '.2f')} "
                          f"| {_fmt(row.get('rps_vs_direct'), '.2f')} | {row['p50_ms']:.3f} | {row['p99_ms']:.3f} "
-                         f"| {_fmt(row.get('cpu_us_per_req'), '.1f')} | {_fmt(row.get('cpu_vs_nginx'), '.2f')} "
+                         f"| {_fmt(row.get('cpu_us_per_req'), '.1f')} | {_fmt(row.get('sys_us_per_req'), '.1f')} "
+                         f"| {_fmt(row.get('cpu_vs_nginx'), '.2f')} "
                          f"| {_fmt(row.get('mib_s'), ',.0f')} |")
     return lines
 
@@ -725,12 +743,10 @@ def added_latency(summary: dict, proxies: list[str]) -> dict:
     if "direct" not in c1:
         return {}
     out = {name: (c1[name]["p50_ms"] - c1["direct"]["p50_ms"]) * 1e3 for name in proxies if name in c1}
-    if "nginx" in out and out["nginx"] > 0:
-        for name in list(out):
-            out[name] = {"us": out[name], "vs_nginx": out[name] / out["nginx"]}
-    else:
-        out = {name: {"us": us, "vs_nginx": None} for name, us in out.items()}
-    return out
+    base = out.get("nginx")
+    if base is not None and base <= 0:
+        base = None
+    return {name: {"us": us, "vs_nginx": us / base if base is not None else None} for name, us in out.items()}
 
 
 def targets_check(summary: dict, added: dict, rss: dict, idle: dict, name: str) -> list[str]:
@@ -786,10 +802,10 @@ def main(argv: list[str] | None = None) -> int:
                         "every target also gets 1 s of GET / c50 after it starts")
     p.add_argument("--scenario", action="append", choices=[s.name for s in SCENARIOS],
                    help="run only this scenario (repeatable; default: all)")
-    p.add_argument("--targets", default="direct,gatewise,gatewise-w2,nginx,haproxy",
-                   help="comma-separated subset of direct,gatewise,gatewise-w2,nginx,haproxy (default: all; "
-                        "gatewise-w2 is gatewise with listen.workers = 2, not pinned; haproxy only when "
-                        "installed)")
+    p.add_argument("--targets", default="direct,gatewise,gatewise-w2,nginx,haproxy,floor",
+                   help="comma-separated subset of direct,gatewise,gatewise-w2,nginx,haproxy,floor (default: "
+                        "all; gatewise-w2 is gatewise with listen.workers = 2, not pinned; haproxy only when "
+                        "installed; floor is benchmarks/floor.py, a featureless Python forwarder)")
     p.add_argument("--src", action="append", type=Path, metavar="DIR",
                    help="run gatewise from this tree (repeatable; default: this checkout)")
     p.add_argument("--idle", type=int, default=10000,
@@ -805,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
     scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
     wanted = {t.strip() for t in args.targets.split(",") if t.strip()}
-    unknown = wanted - {"direct", "gatewise", "gatewise-w2", "nginx", "haproxy"}
+    unknown = wanted - {"direct", "gatewise", "gatewise-w2", "nginx", "haproxy", "floor"}
     if unknown:
         p.error(f"--targets: unknown {', '.join(sorted(unknown))}")
 
@@ -862,6 +878,8 @@ def main(argv: list[str] | None = None) -> int:
                 targets.append(lab.start_haproxy())
             except BenchError as exc:   # optional column: say why and go on without it
                 print(f"bench: skipping haproxy: {exc}", file=sys.stderr)
+        if "floor" in wanted:
+            targets.append(lab.start_floor())
         if not targets:
             raise BenchError("no targets to run")
         for t in targets:
@@ -894,7 +912,8 @@ def main(argv: list[str] | None = None) -> int:
                     if "rss_kib" in r:
                         rss[t.name]["max_kib"] = max(rss[t.name]["max_kib"], r["rss_kib"])
                     print(f"  [{done}/{total}] rep {rep + 1} {sc.title:16} {t.name:>10}: {r['rps']:10,.0f} req/s"
-                          + (f"  {r['cpu_us_per_req']:6.1f} us/req" if "cpu_us_per_req" in r else "")
+                          + (f"  {r['cpu_us_per_req']:6.1f} us/req (kernel {r['sys_us_per_req']:4.1f})"
+                             if "cpu_us_per_req" in r else "")
                           + (f"  {r['mib_s']:7,.0f} MiB/s" if "mib_s" in r else "")
                           + (f"  ERRORS socket={r['socket_errors']} {r['socket_error_kinds']} non2xx={r['non_2xx']}"
                              if r["socket_errors"] or r["non_2xx"] else ""), file=sys.stderr, flush=True)
@@ -905,7 +924,8 @@ def main(argv: list[str] | None = None) -> int:
             rss[t.name]["end_kib"] = _rss_kib(t.pids())
         load_seconds = time.monotonic() - started
 
-        # idle keep-alive connections: fresh proxies, one at a time
+        # idle keep-alive connections: fresh proxies, one at a time (not the floor: it opens
+        # an upstream connection per client connection, more than the backend accepts)
         if idle_n and idle_problem:
             idle["skipped"] = idle_problem
         elif idle_n:
