@@ -136,6 +136,7 @@ class Exchange:
                                        proxy_status=None)
                 self.committed = True
                 self.status = 101
+                self.head_at = perf_counter()  # the server's latency sample: start to the 101
                 client.out(plan.head)
             elif self.head.version == b"1.1":  # RFC 9110 §15.2: forward 1xx to 1.1 clients
                 client.out(H.plan_response(head, request_method=self.head.method,

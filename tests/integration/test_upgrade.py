@@ -83,6 +83,26 @@ async def test_upgrade_is_tunnelled(gateway, echo_upgrade):
     assert b"connection: upgrade" in protocols[0].head.lower()
 
 
+async def test_upgrade_latency_sample_is_the_time_to_the_101(gateway, echo_upgrade):
+    """The attempt's latency sample runs from its start to the 101 head (it was negative:
+    the head's time was only taken for final responses)."""
+    url, _ = await echo_upgrade(accept=True)
+    gw = await gateway([url])
+    server = next(iter(gw.proxy.pools.values())).servers[0]
+    client = await Client.open(gw.port)
+    try:
+        await client.send_raw(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        async with asyncio.timeout(5):
+            assert (await client.reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    finally:
+        client.close()
+    async with asyncio.timeout(5):  # the sample is taken when the tunnel ends
+        while not server.latency.samples():
+            await asyncio.sleep(0.01)
+    [sample] = server.latency.samples()
+    assert 0 <= sample < 5000
+
+
 async def test_declined_upgrade_is_forwarded_then_closed(gateway, echo_upgrade):
     url, _ = await echo_upgrade(accept=False)
     gw = await gateway([url])
