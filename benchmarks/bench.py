@@ -15,9 +15,10 @@ One run:
    health checks, passive checks, admin listener with /metrics and /debug, the recorder,
    request ids, X-Forwarded-*, Via), nginx as a proxy (1 worker, upstream keepalive 32,
    HTTP/1.1 upstream, no disk buffering), and HAProxy (1 thread, http-reuse always) when
-   `haproxy` is installed (never installed by this script), and "floor"
+   `haproxy` is installed (never installed by this script), "floor"
    (benchmarks/floor.py: the least a Python forwarder does per request on gatewise's
-   stack, uvloop + httptools with no features), pinned like the proxies.
+   stack, uvloop + httptools with no features) and "floor+features" (the same doing
+   gatewise's per-request feature work inline), pinned like the proxies.
 4. pins the proxy under test to CPU 0 and the backend and `wrk -t1` to CPU 1 (taskset,
    2+ CPUs; `--no-pin` to skip; for GET / c1 the proxy joins them on CPU 1, as in the
    issue's c1 figure: across cores a c1 ping-pong measures wake-ups, not the proxy), and
@@ -534,15 +535,17 @@ backend be
         _wait_port(port, proc, "haproxy", log)
         return Target("haproxy", "haproxy", port, proc, {"config": conf.read_text()})
 
-    def start_floor(self) -> Target:
-        base = self.tmp / "floor"
+    def start_floor(self, features: bool = False) -> Target:
+        name = "floor+features" if features else "floor"
+        base = self.tmp / name
         base.mkdir(exist_ok=True)
         log = base / "stderr.log"
         proc = self._spawn(self.pin(self.proxy_cpu) + [self.python, str(ROOT / "benchmarks" / "floor.py"),
                                                        "--listen", "127.0.0.1:0",
-                                                       "--upstream", f"127.0.0.1:{self.backend.port}"], log)
-        port = int(_wait_log(log, r"floor listening on 127\.0\.0\.1:(\d+)", proc, "floor")[1])
-        return Target("floor", "floor", port, proc)
+                                                       "--upstream", f"127.0.0.1:{self.backend.port}"]
+                           + (["--features"] if features else []), log)
+        port = int(_wait_log(log, r"floor listening on 127\.0\.0\.1:(\d+)", proc, name)[1])
+        return Target(name, "floor", port, proc)
 
     def post_script(self, size: int) -> Path:
         path = self.tmp / f"post-{size}.lua"
@@ -802,10 +805,11 @@ def main(argv: list[str] | None = None) -> int:
                         "every target also gets 1 s of GET / c50 after it starts")
     p.add_argument("--scenario", action="append", choices=[s.name for s in SCENARIOS],
                    help="run only this scenario (repeatable; default: all)")
-    p.add_argument("--targets", default="direct,gatewise,gatewise-w2,nginx,haproxy,floor",
-                   help="comma-separated subset of direct,gatewise,gatewise-w2,nginx,haproxy,floor (default: "
-                        "all; gatewise-w2 is gatewise with listen.workers = 2, not pinned; haproxy only when "
-                        "installed; floor is benchmarks/floor.py, a featureless Python forwarder)")
+    p.add_argument("--targets", default="direct,gatewise,gatewise-w2,nginx,haproxy,floor,floor+features",
+                   help="comma-separated subset of direct,gatewise,gatewise-w2,nginx,haproxy,floor,floor+features "
+                        "(default: all; gatewise-w2 is gatewise with listen.workers = 2, not pinned; haproxy "
+                        "only when installed; floor is benchmarks/floor.py, a featureless Python forwarder, and "
+                        "floor+features the same with gatewise's per-request feature work inline)")
     p.add_argument("--src", action="append", type=Path, metavar="DIR",
                    help="run gatewise from this tree (repeatable; default: this checkout)")
     p.add_argument("--idle", type=int, default=10000,
@@ -821,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
     scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
     wanted = {t.strip() for t in args.targets.split(",") if t.strip()}
-    unknown = wanted - {"direct", "gatewise", "gatewise-w2", "nginx", "haproxy", "floor"}
+    unknown = wanted - {"direct", "gatewise", "gatewise-w2", "nginx", "haproxy", "floor", "floor+features"}
     if unknown:
         p.error(f"--targets: unknown {', '.join(sorted(unknown))}")
 
@@ -880,6 +884,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench: skipping haproxy: {exc}", file=sys.stderr)
         if "floor" in wanted:
             targets.append(lab.start_floor())
+        if "floor+features" in wanted:
+            targets.append(lab.start_floor(features=True))
         if not targets:
             raise BenchError("no targets to run")
         for t in targets:

@@ -1,6 +1,6 @@
 """The floor: the least a Python forwarder does per request on gatewise's stack.
 
-    python benchmarks/floor.py --listen 127.0.0.1:8081 --upstream 127.0.0.1:8080
+    python benchmarks/floor.py --listen 127.0.0.1:8081 --upstream 127.0.0.1:8080 [--features]
 
 uvloop, one asyncio.Protocol per connection, httptools on both sides, one upstream
 keep-alive connection per client connection, heads rebuilt from the parsed fields, output
@@ -10,13 +10,30 @@ Content-Length framing only (no chunked, no Upgrade, no HEAD). The issue's "mini
 asyncio.Protocol + httptools forwarder": what gatewise's features cost is gatewise's
 figures minus these, measured in the same run (`bench.py`'s "floor" column). Not part of
 gatewise and not for real traffic.
+
+`--features` ("floor+features" in bench.py) adds, inline in the same callbacks, the work
+gatewise's default config does for every request: header fields classified by name
+(hop-by-hop ones dropped, Connection-named ones not handled), X-Forwarded-For/-Proto/
+-Host, Via both ways, a request id (kept from a sane X-Request-Id, else 96 random bits)
+both ways, Date added when missing, Proxy-Status received-status on a 5xx, a
+per-connection deadline moved per request (an attribute write, as gatewise's Deadline
+does), and per-server statistics (responses by class, latency ring and EWMA, a latency
+histogram). So: gatewise - floor is what gatewise costs; floor+features - floor is what
+the features cost when done with no layering; gatewise - floor+features is the layering.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import random
+import re
 import sys
+import time
+from binascii import hexlify
+from bisect import bisect_left
+from email.utils import formatdate
 
 import httptools
 import uvloop
@@ -128,9 +145,143 @@ class Client(asyncio.Protocol):
         self.send(data)
 
 
-async def main(listen: tuple[str, int], upstream: tuple[str, int]) -> None:
+# -- --features: the per-request work of gatewise's defaults, inline --------------------------
+HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+              b"upgrade"}
+SANE_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+VIA = b"1.1 gatewise"
+BOUNDS = (.005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0)
+KEEP, DROP, HOST, XFF, VIA_F, REQUEST_ID, DATE = range(7)
+REQUEST_KINDS = {**{n: DROP for n in HOP_BY_HOP}, b"host": HOST, b"x-forwarded-for": XFF, b"via": VIA_F,
+                 b"x-request-id": REQUEST_ID, b"x-forwarded-proto": DROP, b"x-forwarded-host": DROP}
+RESPONSE_KINDS = {**{n: DROP for n in HOP_BY_HOP}, b"via": VIA_F, b"x-request-id": DROP, b"date": DATE}
+ids = random.Random(os.urandom(16))
+date_cache = [0, b""]
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.by_class = [0] * 6
+        self.ring = [0.0] * 256
+        self.next = 0
+        self.ewma = 0.0
+        self.counts = [0] * (len(BOUNDS) + 1)
+        self.sum = 0.0
+
+
+STATS = Stats()
+
+
+def kind_of(kinds: dict, cache: dict, name: bytes) -> int:
+    kind = cache.get(name)
+    if kind is None:
+        kind = cache[name] = kinds.get(name.lower(), KEEP)
+    return kind
+
+
+class FeatureUpstream(Upstream):
+    kinds: dict = {}
+
+    def __init__(self, client) -> None:
+        super().__init__(client)
+        self.via = None
+        self.date = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        kind = kind_of(RESPONSE_KINDS, self.kinds, name)
+        if kind == KEEP:
+            self.fields += (name, b": ", value, b"\r\n")
+        elif kind == VIA_F:
+            self.via = value if self.via is None else self.via + b", " + value
+        elif kind == DATE:
+            self.date = True
+            self.fields += (name, b": ", value, b"\r\n")
+
+    def on_headers_complete(self) -> None:
+        client = self.client
+        status = self.parser.get_status_code()
+        out = client.out
+        out += (b"HTTP/1.1 %d " % status, self.reason, b"\r\n")
+        out += self.fields
+        out += (b"Via: ", VIA if self.via is None else self.via + b", " + VIA, b"\r\n")
+        if not self.date:
+            now = int(time.time())
+            if now != date_cache[0]:
+                date_cache[:] = [now, b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"]
+            out.append(date_cache[1])
+        if status >= 500:
+            out.append(b"Proxy-Status: gatewise; received-status=%d\r\n" % status)
+        out += (b"X-Request-Id: ", client.current_id, b"\r\n\r\n")
+        self.fields = []
+        self.via = None
+        self.date = False
+        seconds = time.perf_counter() - client.started
+        st = STATS
+        st.by_class[status // 100 if status < 600 else 5] += 1
+        ms = seconds * 1000
+        st.ring[st.next] = ms
+        st.next = (st.next + 1) % 256
+        st.ewma += 0.1 * (ms - st.ewma)
+        st.counts[bisect_left(BOUNDS, seconds)] += 1
+        st.sum += seconds
+
+
+class FeatureClient(Client):
+    kinds: dict = {}
+
+    def __init__(self, upstream) -> None:
+        super().__init__(upstream)
+        self.host = self.xff = self.via = None
+        self.request_id = b""  # a sane one from the client's head
+        self.current_id = b""  # the id of the request being answered
+        self.started = 0.0
+        self.deadline = 0.0
+        self.client_ip = b"127.0.0.1"
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.client_ip = transport.get_extra_info("peername")[0].encode()
+        loop = asyncio.get_running_loop()
+        host, port = self.upstream_address
+        loop.create_task(loop.create_connection(lambda: FeatureUpstream(self), host, port))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        kind = kind_of(REQUEST_KINDS, self.kinds, name)
+        if kind == KEEP:
+            self.fields += (name, b": ", value, b"\r\n")
+        elif kind == HOST:
+            self.host = value
+            self.fields += (name, b": ", value, b"\r\n")
+        elif kind == XFF:
+            self.xff = value if self.xff is None else self.xff + b", " + value
+        elif kind == VIA_F:
+            self.via = value if self.via is None else self.via + b", " + value
+        elif kind == REQUEST_ID and SANE_ID.fullmatch(value):
+            self.request_id = value
+
+    def on_headers_complete(self) -> None:
+        self.started = time.perf_counter()
+        self.deadline = asyncio.get_running_loop().time() + 75.0
+        self.current_id = self.request_id or hexlify(ids.getrandbits(96).to_bytes(12, "big"))
+        xff = self.xff
+        out = [self.parser.get_method(), b" ", self.url, b" HTTP/1.1\r\n", *self.fields,
+               b"X-Forwarded-For: ", self.client_ip if xff is None else xff + b", " + self.client_ip, b"\r\n",
+               b"X-Forwarded-Proto: http\r\n"]
+        if self.host is not None:
+            out += (b"X-Forwarded-Host: ", self.host, b"\r\n")
+        out += (b"Via: ", VIA if self.via is None else self.via + b", " + VIA, b"\r\n",
+                b"X-Request-Id: ", self.current_id, b"\r\n\r\n")
+        self.send(b"".join(out))
+        self.url = b""
+        self.fields = []
+        self.host = self.xff = self.via = None
+        self.request_id = b""
+
+
+async def main(listen: tuple[str, int], upstream: tuple[str, int], features: bool) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Client(upstream), *listen, backlog=4096)
+    client = FeatureClient if features else Client
+    server = await loop.create_server(lambda: client(upstream), *listen, backlog=4096)
     print(f"floor listening on {listen[0]}:{server.sockets[0].getsockname()[1]}", flush=True)
     await server.serve_forever()
 
@@ -144,8 +295,9 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--listen", type=_address, required=True)
     p.add_argument("--upstream", type=_address, required=True)
+    p.add_argument("--features", action="store_true", help="do gatewise's per-request feature work inline")
     args = p.parse_args()
     try:
-        uvloop.run(main(args.listen, args.upstream))
+        uvloop.run(main(args.listen, args.upstream, args.features))
     except KeyboardInterrupt:
         sys.exit(0)

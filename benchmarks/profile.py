@@ -1,6 +1,7 @@
 """Instructions per request on the hot path, counted by valgrind's callgrind.
 
     .venv/bin/python benchmarks/profile.py [--connections 10] [--requests 200] [--src DIR]
+                                           [--target gatewise|floor|floor+features]
 
 Wall-clock figures on a shared 2-core VM move by 10% between runs; instruction counts
 do not (about ±0.1% here), so this is how a hot-path change is judged before `make
@@ -16,6 +17,9 @@ epoll) is invisible to callgrind; `bench.py`'s CPU µs/request includes it.
    request at a time, all of them interleaved), switches it off and dumps;
 4. prints Ir (instructions) per request, and where the callgrind file is, for
    `callgrind_annotate FILE` (`--inclusive=yes` for the call tree).
+
+`--target floor` and `--target floor+features` count benchmarks/floor.py instead (without
+and with `--features`), the same way: the reference points for gatewise's count.
 
 Needs valgrind (Debian: `apt-get install valgrind`). Loopback only; every process it
 starts is stopped.
@@ -98,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200, help="per connection")
     p.add_argument("--src", type=Path, default=ROOT, help="the gatewise tree to measure")
     p.add_argument("--python", default=sys.executable)
+    p.add_argument("--target", choices=("gatewise", "floor", "floor+features"), default="gatewise")
     args = p.parse_args(argv)
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
@@ -119,11 +124,16 @@ def main(argv: list[str] | None = None) -> int:
                        f'[[pools.app.servers]]\nurl = "http://127.0.0.1:{backend_port}"\n')
         out = tmp / "callgrind.out"
         log = tmp / "gatewise.log"
+        if args.target == "gatewise":
+            cmd, ready = [args.python, "-m", "proxy", "run", "-c", str(cfg)], r'"event":"listening"'
+        else:
+            cmd = [args.python, str(ROOT / "benchmarks" / "floor.py"), "--listen", f"127.0.0.1:{port}",
+                   "--upstream", f"127.0.0.1:{backend_port}"] + (["--features"] if args.target != "floor" else [])
+            ready = "floor listening"
         gw = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-                               args.python, "-m", "proxy", "run", "-c", str(cfg)],
-                              cwd=src, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+                               *cmd], cwd=src, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
         procs.append(gw)
-        _wait(r'"event":"listening"', log, gw, 120)  # Python under valgrind starts slowly
+        _wait(ready, log, gw, 120)  # Python under valgrind starts slowly
         load(port, args.connections, 5)
         subprocess.run(["callgrind_control", "-i", "on", str(gw.pid)], check=True, capture_output=True)
         load(port, args.connections, args.requests)
@@ -134,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         if not totals:
             raise SystemExit(f"no callgrind totals in {tmp}")
         n = args.connections * args.requests
-        print(f"{max(totals) / n:,.0f} instructions per request ({args.connections} connections x "
+        print(f"{max(totals) / n:,.0f} instructions per request ({args.target}, {args.connections} connections x "
               f"{args.requests} GET /, {src})")
         print(f"callgrind file: {max(dumps, key=lambda f: f.stat().st_size)}")
         return 0
