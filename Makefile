@@ -25,7 +25,7 @@ test: $(STAMP)
 check: $(STAMP)
 	$(BIN)/gatewise check -c conf/gatewise.toml
 
-bench: $(STAMP)  # wrk through gatewise, nginx (and HAProxy when installed); installs wrk/nginx as root; ~13 min
+bench: $(STAMP)  # wrk through gatewise, nginx (and HAProxy when installed); installs wrk/nginx as root; ~20 min
 	$(BIN)/python benchmarks/bench.py
 
 bench-quick: $(STAMP)  # the same, as a smoke run of about a minute

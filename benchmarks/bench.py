@@ -797,8 +797,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="smoke run of about a minute: 1 x 2 s per run, no per-scenario warm-up")
-    p.add_argument("--duration", type=int, help="whole seconds per measured wrk run (full 10, quick 2)")
+                   help="smoke run of about a minute: 1 x 1 s per run, no per-scenario warm-up")
+    p.add_argument("--duration", type=int, help="whole seconds per measured wrk run (full 10, quick 1)")
     p.add_argument("--repeat", type=int, help="interleaved repetitions; medians are reported (full 3, quick 1)")
     p.add_argument("--warmup", type=int,
                    help="seconds of wrk per target before a scenario's first measured run (full 2, quick 0); "
@@ -820,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, metavar="FILE",
                    help="where to write the JSON results (default: benchmarks/results/<timestamp>.json)")
     args = p.parse_args(argv)
-    duration = args.duration or (2 if args.quick else 10)
+    duration = args.duration or (1 if args.quick else 10)
     repeat = args.repeat or (1 if args.quick else 3)
     warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
     scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]

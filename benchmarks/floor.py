@@ -7,9 +7,8 @@ keep-alive connection per client connection, heads rebuilt from the parsed field
 batched per read, backpressure both ways. Nothing else: no routing, balancing, pooling
 across clients, timeouts, retries, health, header rewriting, ids, stats or recorder, and
 Content-Length framing only (no chunked, no Upgrade, no HEAD). The issue's "minimal
-asyncio.Protocol + httptools forwarder": what gatewise's features cost is gatewise's
-figures minus these, measured in the same run (`bench.py`'s "floor" column). Not part of
-gatewise and not for real traffic.
+asyncio.Protocol + httptools forwarder", measured in the same run as gatewise and nginx
+(`bench.py`'s "floor" column). Not part of gatewise and not for real traffic.
 
 `--features` ("floor+features" in bench.py) adds, inline in the same callbacks, the work
 gatewise's default config does for every request: header fields classified by name
@@ -65,7 +64,7 @@ class Upstream(asyncio.Protocol):
         self.client.transport.resume_reading()
 
     def on_status(self, reason: bytes) -> None:
-        self.reason = reason
+        self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.fields += (name, b": ", value, b"\r\n")
@@ -76,6 +75,7 @@ class Upstream(asyncio.Protocol):
         out += self.fields
         out.append(b"\r\n")
         self.fields = []
+        self.reason = b""
 
     def on_body(self, data: bytes) -> None:
         self.client.out.append(data)
@@ -213,6 +213,7 @@ class FeatureUpstream(Upstream):
             out.append(b"Proxy-Status: gatewise; received-status=%d\r\n" % status)
         out += (b"X-Request-Id: ", client.current_id, b"\r\n\r\n")
         self.fields = []
+        self.reason = b""
         self.via = None
         self.date = False
         seconds = time.perf_counter() - client.started
