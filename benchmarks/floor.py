@@ -6,7 +6,8 @@ uvloop, one asyncio.Protocol per connection, httptools on both sides, one upstre
 keep-alive connection per client connection, heads rebuilt from the parsed fields, output
 batched per read, backpressure both ways. Nothing else: no routing, balancing, pooling
 across clients, timeouts, retries, health, header rewriting, ids, stats or recorder, and
-Content-Length framing only (no chunked, no Upgrade, no HEAD). The issue's "minimal
+Content-Length framing only (no chunked, no Upgrade, no HEAD), one request at a time per
+connection (no pipelining, as wrk sends). The issue's "minimal
 asyncio.Protocol + httptools forwarder", measured in the same run as gatewise and nginx
 (`bench.py`'s "floor" column). Not part of gatewise and not for real traffic.
 
@@ -48,6 +49,9 @@ class Upstream(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        if self.client.closed:  # the client left while this connect was under way
+            transport.close()
+            return
         self.client.upstream_ready(self)
 
     def data_received(self, data: bytes) -> None:
@@ -91,12 +95,21 @@ class Client(asyncio.Protocol):
         self.fields: list[bytes] = []
         self.out: list[bytes] = []
         self.pending: list[bytes] = []  # request bytes while the upstream connects
+        self.closed = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.connect(Upstream)
+
+    def connect(self, kind) -> None:
         loop = asyncio.get_running_loop()
         host, port = self.upstream_address
-        loop.create_task(loop.create_connection(lambda: Upstream(self), host, port))
+        task = loop.create_task(loop.create_connection(lambda: kind(self), host, port))
+        task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is not None:
+            self.transport.close()  # no upstream: the client gets a closed connection
 
     def upstream_ready(self, upstream: Upstream) -> None:
         self.upstream = upstream
@@ -108,6 +121,7 @@ class Client(asyncio.Protocol):
         self.parser.feed_data(data)
 
     def connection_lost(self, exc) -> None:
+        self.closed = True
         if self.upstream is not None:
             self.upstream.transport.close()
 
@@ -242,9 +256,7 @@ class FeatureClient(Client):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.client_ip = transport.get_extra_info("peername")[0].encode()
-        loop = asyncio.get_running_loop()
-        host, port = self.upstream_address
-        loop.create_task(loop.create_connection(lambda: FeatureUpstream(self), host, port))
+        self.connect(FeatureUpstream)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         kind = kind_of(REQUEST_KINDS, self.kinds, name)

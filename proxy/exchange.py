@@ -59,7 +59,7 @@ class Exchange:
         self.attempts: list[dict] = []
         self.tunnel_rest = b""  # client bytes after an Upgrade head, held until the 101
         self.pool = None  # the PoolRuntime it was routed to
-        self.head_at = 0.0  # perf_counter when the final response head arrived
+        self.head_at = 0.0  # perf_counter when the final (or 101) response head arrived
         self.head_bytes = b""  # the head sent upstream (forward.py builds it once per exchange)
         self.fast = None  # forward.Attempt when the fast path owns the attempt (no task waits)
 

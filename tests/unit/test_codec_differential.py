@@ -495,3 +495,29 @@ def test_response_version_at_every_cut(data, expected):
     assert versions("h11", [data]) == expected
     for cut in range(len(data) + 1):
         assert versions("llhttp", [data[:cut], data[cut:]]) == expected, cut
+
+
+@pytest.mark.parametrize("side", ["request", "response"])
+def test_a_read_ending_inside_a_head_is_not_kept(side):
+    """The version is read from the chunk only while it is being fed: a slow peer's
+    partial head must not pin its (up to 256 KiB) read until the head completes."""
+    import sys
+
+    if side == "request":
+        parser = make_request_parser("llhttp", RequestRecorder(), MAX_HEAD)
+        chunk = b"GET / HTTP/1.0\r\nX-A: " + b"a" * 60_000
+        rest = b"\r\nHost: t\r\n\r\n"
+    else:
+        rec = ResponseRecorder()
+        parser = make_response_parser("llhttp", rec, MAX_HEAD)
+        parser.start(b"GET")
+        chunk = b"HTTP/1.0 200 OK\r\nX-A: " + b"a" * 60_000
+        rest = b"\r\nContent-Length: 0\r\n\r\n"
+    refs = sys.getrefcount(chunk)
+    parser.feed(chunk)
+    assert sys.getrefcount(chunk) == refs
+    parser.feed(rest)  # the head completes in another read: httptools gives the version
+    if side == "request":
+        assert parser._h.messages[0].head[2] == b"1.0"
+    else:
+        assert rec.events[0][3] == b"1.0"
