@@ -37,6 +37,7 @@ class _Probe:
     """Stands in for an Exchange on the upstream connection: wants the status only."""
 
     __slots__ = ("waiter",)
+    finished = False  # asked by UpstreamConnection.data_received, like Exchange.finished
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.waiter: asyncio.Future[int] = loop.create_future()

@@ -72,7 +72,20 @@ def proxy_config(servers, *, parser: str = "llhttp", pool: dict | None = None, *
 
 @pytest.fixture
 async def gateway(parser):
+    """Make in-process gateways; on teardown, fail the test if the loop's exception handler
+    saw a gatewise bug (an exception that is not an OS-level connection error): uvloop
+    reports an exception raised in a protocol callback there, and only logs it."""
     started: list[Server] = []
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    bugs: list[dict] = []
+
+    def handler(the_loop, context: dict) -> None:
+        if not isinstance(context.get("exception"), OSError):
+            bugs.append(context)
+        the_loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
     async def make(servers, *, pool: dict | None = None, raw: dict | None = None, lookup=None,
                    **sections) -> Server:
@@ -87,6 +100,8 @@ async def gateway(parser):
     yield make
     for server in started:
         await server.stop(grace=1.0)
+    loop.set_exception_handler(previous)
+    assert not bugs, f"the event loop reported: {[(c.get('message'), c.get('exception')) for c in bugs]}"
 
 
 @dataclass

@@ -77,6 +77,25 @@ def state_lines(text: str) -> list[dict]:
 
 # ---- 1. active health checks ---------------------------------------------------------------
 
+async def test_probes_leave_no_transport_errors(upstream, gateway):
+    """A passing probe ends quietly. (Regression: every probe's connection died with
+    "Fatal error on transport", an AttributeError from the probe standing in for an
+    exchange, logged with a traceback every interval.)"""
+    import asyncio
+
+    errors: list[dict] = []
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        a = await upstream("ok")
+        gw = await gateway([a], pool={"health": HEALTH, "passive": NO_PASSIVE})
+        await until(in_state(gw, a.url, "healthy", consecutive_successes=4), "4 passing probes")
+    finally:
+        loop.set_exception_handler(previous)
+    assert errors == []
+
+
 async def test_refusing_server_goes_unhealthy_after_fall_and_back_after_rise(upstream, gateway):
     a, b = await upstream("ok"), await upstream("ok")
     gw = await gateway([a, b], pool={"health": HEALTH, "passive": NO_PASSIVE})
