@@ -1,7 +1,7 @@
 """Instructions per request on the hot path, counted by valgrind's callgrind.
 
     .venv/bin/python benchmarks/profile.py [--connections 10] [--requests 200] [--src DIR]
-                                           [--target gatewise|floor|floor+features]
+                                           [--target gatewise|floor|floor+features] [--ablate NAMES]
 
 Wall-clock figures on a shared 2-core VM move by 10% between runs; instruction counts
 do not (about ±0.1% here), so this is how a hot-path change is judged before `make
@@ -20,6 +20,8 @@ epoll) is invisible to callgrind; `bench.py`'s CPU µs/request includes it.
 
 `--target floor` and `--target floor+features` count benchmarks/floor.py instead (without
 and with `--features`), the same way: the reference points for gatewise's count.
+`--ablate stats,timers,...` stubs components out first (benchmarks/ablate/sitecustomize.py
+lists them): the drop in the count is what they cost.
 
 Needs valgrind (Debian: `apt-get install valgrind`). Loopback only; every process it
 starts is stopped.
@@ -40,6 +42,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# the stubs benchmarks/ablate/sitecustomize.py knows
+ABLATIONS = ("stats", "timers", "gates", "routing", "reqheaders", "respheaders", "defer", "codecsize")
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: profile\r\nAccept: */*\r\n\r\n"
 BODY = b"hello\n"
 
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--src", type=Path, default=ROOT, help="the gatewise tree to measure")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--target", choices=("gatewise", "floor", "floor+features"), default="gatewise")
+    p.add_argument("--ablate", default="", metavar="NAMES",
+                   help="comma-separated components to stub out (benchmarks/ablate/sitecustomize.py)")
     args = p.parse_args(argv)
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
@@ -110,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     src = args.src.resolve()
     env = {**os.environ, "PYTHONPATH": str(src), "PYTHONHASHSEED": "0"}
+    gw_env = env
+    if args.ablate:
+        unknown = set(args.ablate.split(",")) - set(ABLATIONS)
+        if unknown or args.target != "gatewise":
+            p.error(f"--ablate: {', '.join(sorted(unknown))} not in {', '.join(ABLATIONS)}" if unknown
+                    else "--ablate applies to --target gatewise only")
+        gw_env = {**env, "PYTHONPATH": f"{ROOT / 'benchmarks' / 'ablate'}{os.pathsep}{src}",
+                  "ABLATE": args.ablate}
     tmp = Path(tempfile.mkdtemp(prefix="gatewise-profile-"))
     procs: list[subprocess.Popen] = []
     try:
@@ -131,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--upstream", f"127.0.0.1:{backend_port}"] + (["--features"] if args.target != "floor" else [])
             ready = "floor listening"
         gw = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-                               *cmd], cwd=src, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+                               *cmd], cwd=src, env=gw_env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
         procs.append(gw)
         _wait(ready, log, gw, 120)  # Python under valgrind starts slowly
         load(port, args.connections, 5)
@@ -144,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         if not totals:
             raise SystemExit(f"no callgrind totals in {tmp}")
         n = args.connections * args.requests
-        print(f"{max(totals) / n:,.0f} instructions per request ({args.target}, {args.connections} connections x "
-              f"{args.requests} GET /, {src})")
+        ablated = f", without {args.ablate}" if args.ablate else ""
+        print(f"{max(totals) / n:,.0f} instructions per request ({args.target}{ablated}, {args.connections} "
+              f"connections x {args.requests} GET /, {src})")
         print(f"callgrind file: {max(dumps, key=lambda f: f.stat().st_size)}")
         return 0
     finally:
