@@ -18,6 +18,7 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import inspect
 import ipaddress
@@ -189,14 +190,15 @@ def make_app(sources: AdminSources) -> web.Application:
 
     async def page(_: web.Request) -> web.Response:
         # The page also says why a server is out; /debug/upstreams keeps SPEC's exact shape.
-        upstreams = await _value(sources.upstreams())
+        # concurrently: a multi-worker source answers all three from one round of snapshots
+        upstreams, recent, workers = await asyncio.gather(_value(sources.upstreams()), _value(sources.requests()),
+                                                          _value(sources.workers()))
         reasons = sources.out_reasons()
         for pool in upstreams.get("pools", {}).values():
             for server in pool.get("servers", []):
                 if server.get("url") in reasons:
                     server["reason"] = reasons[server["url"]]
-        return _text(render_debug_page(upstreams, await _value(sources.requests()), time.time(),
-                                       await _value(sources.workers())), HTML_TYPE)
+        return _text(render_debug_page(upstreams, recent, time.time(), workers), HTML_TYPE)
 
     async def metrics(_: web.Request) -> web.Response:
         return _text(render_metrics(await _value(sources.metrics())), METRICS_CONTENT_TYPE)

@@ -27,7 +27,7 @@ import struct
 
 import orjson
 
-from proxy.servers import ServerState, State
+from proxy.servers import ServerState, State, nearest_rank
 
 _LENGTH = struct.Struct("!I")
 MAX_MESSAGE = 64 * 1024 * 1024  # a snapshot is tens of KiB; anything near this is a bug
@@ -108,15 +108,6 @@ def merge_histograms(a: dict | None, b: dict | None) -> dict | None:
             "sum": a["sum"] + b["sum"], "count": a["count"] + b["count"]}
 
 
-def percentiles(samples: list[float]) -> dict:
-    """The same nearest-rank p50/p99 as LatencyWindow, over several workers' samples."""
-    if not samples:
-        return {"p50": None, "p99": None}
-    values = sorted(samples)
-    last = len(values) - 1
-    return {"p50": round(values[int(last * 0.50)], 2), "p99": round(values[int(last * 0.99)], 2)}
-
-
 def _matching(pools: dict, pool: str, index: int, key: str, value: str) -> dict | None:
     """The worker's entry for the same server, identified by `key` ("url" in upstream
     snapshots, "address" in metrics); a worker mid-reload may differ: skip it."""
@@ -151,7 +142,7 @@ def merge_upstreams(base: dict, workers: list[dict]) -> dict:
                     merged["last_failure"] = last
                 samples.extend(theirs.get("latency_samples") or ())
                 endpoints = endpoints or theirs.get("endpoints") or []
-            merged["latency_ms"] = percentiles(samples)
+            merged["latency_ms"] = nearest_rank(samples)  # as LatencyWindow, over every worker
             merged["endpoints"] = endpoints
             merged.pop("latency_samples", None)
             servers.append(merged)
@@ -213,8 +204,9 @@ class SharedServerState(ServerState):
         self.report({"t": "failure", **self.key, "error": token, "details": details, "trial": trial})
         return None
 
-    def on_success(self, status: int, head_seconds: float, trial: bool = False) -> None:
-        if super().on_success(status, head_seconds, trial) is not None:
+    def on_trial_ok(self) -> None:
+        # reached from on_success for the trial request only: nothing extra per request
+        if super().on_trial_ok() is not None:
             self.report({"t": "trial_ok", **self.key})
         return None
 

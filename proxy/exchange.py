@@ -228,4 +228,8 @@ class Exchange:
             conn.resume_for_client()
 
     def flush(self) -> None:
-        self.client.flush()
+        """Send what the upstream's read produced. A finished exchange is already queued by
+        exchange_done for the end of this loop iteration (flush_soon): flushing it here
+        would undo that batching."""
+        if not self.finished:
+            self.client.flush()

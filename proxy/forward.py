@@ -43,7 +43,7 @@ from proxy import headers as H
 from proxy.errors import (AwaitingHead, BadRequest, ClientDisconnected, ConfigurationError,
                           ConnectionLimitReached, ConnectionTerminated, LoopDetected, NoRoute,
                           NoServerAvailable, ProxyError)
-from proxy.logs import log_event
+from proxy.logs import log_event, log_server_state
 from proxy.router import split_target, rewrite_target
 
 
@@ -88,17 +88,17 @@ class Attempt:
     def succeeded(self, ex) -> None:
         server = self.server
         change = server.on_success(ex.status, ex.head_at - self.started, self.trial)
-        if change is not None:
-            _log_change(self.pool, server, change, "trial request")
+        if change is not None:  # (the call is skipped in steady state: this runs per request)
+            log_server_state(self.pool.name, server, change, by="trial request")
 
     def failed(self, ex, exc: ProxyError) -> None:
         server = self.server
         _note_attempt(ex, server, exc, perf_counter() - self.started)
         info = INFO[classify(exc)]
         if info.blames_upstream:
-            _log_change(self.pool, server, server.on_failure(info.token, exc.detail, self.proxy.loop.time(),
-                                                              self.trial),
-                        "passive", error=info.token, details=exc.detail)
+            log_server_state(self.pool.name, server,
+                             server.on_failure(info.token, exc.detail, self.proxy.loop.time(), self.trial),
+                             by="passive", error=info.token, details=exc.detail)
 
     def end(self, ex) -> None:
         self.server.on_attempt_end(self.trial)
@@ -279,7 +279,7 @@ async def _attempts(proxy, pool, ex, loop, begun: Attempt | None) -> None:
                 proxy.recorder.retries_total += 1
             at = Attempt(proxy, pool, server, now, perf_counter())
         try:
-            await _attempt(proxy, pool, ex, at)
+            await _attempt(ex, at)
             return
         except ProxyError as exc:
             if len(ex.attempts) >= allowed or not _may_retry(exc, ex, pool.retry_non_idempotent):
@@ -288,11 +288,11 @@ async def _attempts(proxy, pool, ex, loop, begun: Attempt | None) -> None:
             tried.append(at.server)
 
 
-async def _attempt(proxy, pool, ex, at: Attempt) -> None:
+async def _attempt(ex, at: Attempt) -> None:
     try:
         while True:
             if at.conn is None:
-                at.conn = await proxy.connect(pool, at.server)
+                at.conn = await at.proxy.connect(at.pool, at.server)
             try:
                 if at.failure is None:
                     await ex.begin(at.conn, ex.head_bytes)
@@ -312,13 +312,6 @@ async def _attempt(proxy, pool, ex, at: Attempt) -> None:
         raise
     finally:
         at.end(ex)
-
-
-def _log_change(pool, server, change, by: str, **fields) -> None:
-    """One log line per state transition (servers.py returns None in steady state)."""
-    if change is not None:
-        log_event("server_state", pool=pool.name, server=server.address, old=str(change[0]),
-                  new=str(change[1]), by=by, reason=server.eject_reason or None, **fields)
 
 
 def _note_attempt(ex, server, exc: ProxyError, elapsed: float) -> None:

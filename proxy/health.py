@@ -18,7 +18,7 @@ from time import perf_counter
 from diagnostics.causes import INFO
 from diagnostics.classify import classify
 from proxy.errors import ProxyError
-from proxy.logs import log_event
+from proxy.logs import log_server_state
 
 JITTER = 0.1
 
@@ -37,7 +37,6 @@ class _Probe:
     """Stands in for an Exchange on the upstream connection: wants the status only."""
 
     __slots__ = ("waiter",)
-    finished = False  # asked by UpstreamConnection.data_received, like Exchange.finished
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.waiter: asyncio.Future[int] = loop.create_future()
@@ -110,9 +109,7 @@ class HealthChecker:
             details = None if ok else f"status {status}, expected {low}-{high}"
         change = server.on_probe(ok, loop.time(), status=status, error=error,
                                  latency_ms=round((perf_counter() - started) * 1000, 2))
-        if change is not None:
-            log_event("server_state", pool=self.pool.name, server=server.address, old=str(change[0]),
-                      new=str(change[1]), by="health_check", error=error, details=details)
+        log_server_state(self.pool.name, server, change, by="health_check", error=error, details=details)
         if self.on_probe is not None:
             self.on_probe(self.pool, server)
 

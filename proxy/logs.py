@@ -16,6 +16,15 @@ import orjson
 context: dict = {}
 
 
+def log_server_state(pool: str, server, change, **fields) -> None:
+    """The one line per server state transition ("server_state"), from whichever judge
+    made it: a health check, live traffic, a trial request. `change` is servers.py's
+    (old, new) or None (steady state: nothing to log)."""
+    if change is not None:
+        log_event("server_state", pool=pool, server=server.address, old=str(change[0]), new=str(change[1]),
+                  reason=server.eject_reason or None, **fields)
+
+
 def log_event(event: str, **fields) -> None:
     record = {"ts": round(time.time(), 3), "event": event}
     record.update(context)

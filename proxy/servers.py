@@ -74,6 +74,15 @@ _WINDOW = 1024
 _ALPHA = 0.3
 
 
+def nearest_rank(samples) -> dict[str, float | None]:
+    """p50 and p99 (nearest rank, ms rounded to 0.01) of latency samples in ms."""
+    if not samples:
+        return {"p50": None, "p99": None}
+    values = sorted(samples)
+    last = len(values) - 1
+    return {"p50": round(values[int(last * 0.50)], 2), "p99": round(values[int(last * 0.99)], 2)}
+
+
 class LatencyWindow:
     """The last N latencies in a preallocated ring (no growth per request), plus an
     EWMA for p2c_ewma. Percentiles are computed only when someone looks."""
@@ -107,11 +116,7 @@ class LatencyWindow:
         return self._ring[:self._count].tolist()
 
     def percentiles(self) -> dict[str, float | None]:
-        if not self._count:
-            return {"p50": None, "p99": None}
-        values = sorted(self._ring[:self._count])
-        last = len(values) - 1
-        return {"p50": round(values[int(last * 0.50)], 2), "p99": round(values[int(last * 0.99)], 2)}
+        return nearest_rank(self._ring[:self._count])
 
 
 class ServerState:

@@ -33,7 +33,7 @@ from proxy.cluster import merge_metrics, merge_requests, merge_upstreams, state_
 from proxy.config import ProxyConfig, to_dict
 from proxy.health import HealthChecker
 from proxy.inspect import ProxyView
-from proxy.logs import log_event
+from proxy.logs import log_event, log_server_state
 from proxy.server import Proxy
 
 START_TIMEOUT = 15.0     # seconds for every worker to be listening
@@ -89,6 +89,7 @@ class Supervisor:
         self._reservation: socket.socket | None = None
         self.host, self.port = cfg.listen.host, cfg.listen.port
         self._ids = itertools.count(1)
+        self._round: asyncio.Future | None = None  # the snapshot round under way (snapshots)
         self._watchers: set[asyncio.Task] = set()
 
     @property
@@ -290,10 +291,9 @@ class Supervisor:
             change = server.on_failure(message["error"], message["details"], self.proxy.loop.time(),
                                        message["trial"])
             fields = {"by": "passive", "error": message["error"], "details": message["details"]}
-        if change is not None:
-            log_event("server_state", pool=pool.name, server=server.address, old=str(change[0]),
-                      new=str(change[1]), reason=server.eject_reason or None, worker=handle.index, **fields)
-        self._pushed(pool, server)
+        log_server_state(pool.name, server, change, worker=handle.index, **fields)
+        if change is not None or message.get("trial"):  # else nothing a worker sees has changed
+            self._pushed(pool, server)
 
     def _pushed(self, pool, server) -> None:
         """Tell every worker a server's state (after a probe or a passive verdict)."""
@@ -304,7 +304,18 @@ class Supervisor:
                 handle.channel.send(message)
 
     async def snapshots(self) -> list[dict]:
-        """Every live worker's snapshot (a worker that does not answer in time is left out)."""
+        """Every live worker's snapshot (a worker that does not answer in time is left out).
+        Callers that ask while a round is under way share it (the /debug page asks for
+        upstreams, requests and workers at once): the merges only read what they get."""
+        if self._round is None:
+            self._round = asyncio.ensure_future(self._ask_snapshots())
+            self._round.add_done_callback(self._round_done)
+        return await asyncio.shield(self._round)
+
+    def _round_done(self, _) -> None:
+        self._round = None
+
+    async def _ask_snapshots(self) -> list[dict]:
         loop = asyncio.get_running_loop()
         asked = []
         for handle in self.workers:
@@ -372,15 +383,12 @@ class ClusterView:
         by_index = {s["index"]: s for s in snaps}
         out = []
         for handle in self._sup.workers:
-            snap = by_index.get(handle.index)
-            requests = None
-            if snap is not None:
-                requests = sum(n for pool in snap["metrics"]["pools"].values() for s in pool["servers"]
-                               for n in s["responses_by_class"].values())
+            counts = by_index[handle.index]["worker"] if handle.index in by_index else {}
+            # the worker's own view (inspect.ProxyView.workers), with what only we know
             out.append({"index": handle.index, "pid": handle.pid, "alive": handle.alive,
                         "started_at": round(handle.started_at, 3), "restarts": handle.restarts,
-                        "client_connections": snap["metrics"]["client_connections"] if snap else None,
-                        "requests_total": requests})
+                        "client_connections": counts.get("client_connections"),
+                        "requests_total": counts.get("requests_total")})
         return out
 
     def ready(self) -> bool:

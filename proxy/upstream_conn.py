@@ -158,7 +158,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._tunnel = True
             self._timer.cancel()  # a tunnel may idle as long as its peers like
             ex.on_tunnel_open(self, rest)
-        if ex is not None and not ex.finished:  # a finished one was flushed by exchange_done
+        if ex is not None:
             ex.flush()
 
     def eof_received(self) -> bool:

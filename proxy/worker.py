@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -43,8 +44,8 @@ class WorkerServer(Server):
 
     async def start(self, states: list) -> "WorkerServer":
         self.proxy = self._new_proxy(self.cfg, asyncio.get_running_loop())
-        # Before the first connection, and with no await since the proxy appeared: from
-        # here on, serve() applies pushed states directly, so none can come in between.
+        # Before the first connection. States pushed meanwhile wait in serve()'s inbox and
+        # apply after these, in order.
         self.apply_states(states)
         await self._listen(self._port, reuse_port=True)
         return self
@@ -68,8 +69,8 @@ class WorkerServer(Server):
         for name, pool in proxy.pools.items():
             for entry, server in zip(upstreams["pools"][name]["servers"], pool.servers):
                 entry["latency_samples"] = server.latency.samples()
-        return {"pid": os.getpid(), "upstreams": upstreams, "metrics": view.metrics(),
-                "requests": view.requests()}
+        return {"upstreams": upstreams, "metrics": view.metrics(), "requests": view.requests(),
+                "worker": view.workers()[0]}
 
 
 def _config(message: dict):
@@ -79,76 +80,53 @@ def _config(message: dict):
 async def serve(fd: int, index: int) -> int:
     logs.context["worker"] = index
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    first: asyncio.Future = loop.create_future()
+    # Every message, and the order to stop (None), is handled by one consumer in arrival
+    # order. A config waits for the start or reload it asks for, so the "states" pushed
+    # meanwhile apply after it, to the config they were meant for. (Handled as they came,
+    # states pushed while a worker was starting were lost, and a restarted worker kept
+    # using an ejected server.)
+    inbox: asyncio.Queue[dict | None] = asyncio.Queue()
+    stop = functools.partial(inbox.put_nowait, None)
+    # the supervisor gone (the channel closed): finish what is in flight and go
+    channel = await open_channel(socket.socket(fileno=fd), inbox.put_nowait, stop)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # reloads come through the supervisor
     server: WorkerServer | None = None
-    reloads: list[asyncio.Task] = []
-    # "states" pushed after a config message but before that config runs (the worker is
-    # still starting, or a reload task has not run yet). They are newer than the states
-    # the config message carries, so they are applied right after those. Dropping them
-    # (as before) lost every change made in that window: without active checks nothing
-    # pushes the server again, and a restarted worker kept using an ejected server.
-    held: list = []
-
-    def take_held() -> list:
-        out = list(held)
-        held.clear()
-        return out
-
-    async def reload(message: dict) -> None:
-        try:
-            cfg = _config(message)
-        except ConfigError as exc:  # the supervisor validated it: only a bug gets here
-            log_event("reload_rejected", problems=exc.problems)
-            take_held()  # states of a config we do not run
-            return
-        notes = await server.reload(cfg)
-        server.apply_states(message["states"] + take_held())
-        channel.send({"t": "reloaded", "notes": notes})
-
-    def on_message(message: dict) -> None:
+    while (message := await inbox.get()) is not None:
         kind = message["t"]
-        if kind == "config":
-            if not first.done():
-                first.set_result(message)
-            else:
-                reloads.append(loop.create_task(reload(message)))
+        if kind == "config" and server is None:
+            server = WorkerServer(_config(message), message["port"], channel.send)
+            try:
+                await server.start(message["states"])
+            except OSError as exc:
+                log_event("listen_failed", address=server.cfg.listen.address, error=str(exc))
+                return 1
+            channel.send({"t": "ready", "pid": os.getpid()})
+        elif server is None:
+            continue  # nothing to apply it to: the config message carries the newer states
+        elif kind == "config":
+            await _reload(server, message, channel)
         elif kind == "states":
-            if server is None or server.proxy is None or (reloads and not reloads[-1].done()):
-                held.extend(message["servers"])  # for a config not running yet: see `held`
-            else:
-                server.apply_states(message["servers"])
-        elif server is None or server.proxy is None:
-            return  # still starting: the supervisor asks for snapshots only once we are ready
+            server.apply_states(message["servers"])
         elif kind == "snapshot":
             channel.send({"t": "snapshot", "id": message["id"], "data": server.snapshot()})
-
-    def on_closed() -> None:  # the supervisor is gone: finish what is in flight and go
-        stop.set()
-        if not first.done():
-            first.cancel()
-
-    channel = await open_channel(socket.socket(fileno=fd), on_message, on_closed)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # reloads come through the supervisor
-    try:
-        message = await first
-    except asyncio.CancelledError:
-        return 1
-    server = WorkerServer(_config(message), message["port"], channel.send)
-    try:
-        await server.start(message["states"] + take_held())
-    except OSError as exc:
-        log_event("listen_failed", address=server.cfg.listen.address, error=str(exc))
-        return 1
-    channel.send({"t": "ready", "pid": os.getpid()})
-    await stop.wait()
+    if server is None:
+        return 1  # stopped before any config arrived
     await server.stop()
-    for task in reloads:
-        task.cancel()
     channel.close()
     return 0
+
+
+async def _reload(server: WorkerServer, message: dict, channel) -> None:
+    try:
+        cfg = _config(message)
+    except ConfigError as exc:  # the supervisor validated it: only a bug gets here
+        log_event("reload_rejected", problems=exc.problems)
+        return
+    notes = await server.reload(cfg)
+    server.apply_states(message["states"])
+    channel.send({"t": "reloaded", "notes": notes})
 
 
 def main() -> int:

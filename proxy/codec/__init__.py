@@ -19,6 +19,11 @@ Response parser events (client side):
     on_response_body(data: bytes)
     on_response_end(trailers: list[tuple[bytes, bytes]])
 
+close() is called once the connection is gone: the adapter drops its references back to
+the handler (its protocol), so protocol, adapter and parser are freed at once by reference
+counting instead of waiting for the cyclic garbage collector (measured: RSS crept up by
+several MiB under load before).
+
 Errors are raised from feed() as proxy.errors leaves: BadRequest / RequestHeadersTooLarge
 on the request side, UpstreamProtocolError / ResponseHeadersTooLarge on the response side.
 That is the translation boundary: no codec exception escapes this package.

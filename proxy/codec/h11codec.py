@@ -52,9 +52,7 @@ class H11RequestParser:
         self._upgrade = False
 
     def close(self) -> None:
-        """The connection is gone: drop the references back to its protocol, so the
-        protocol, this adapter and the h11 state are freed at once instead of waiting for the
-        cyclic garbage collector (measured: RSS crept up by several MiB under load)."""
+        """The connection is gone (see proxy.codec: close)."""
         self._h = None
 
     def feed(self, data: bytes) -> bytes | None:
@@ -138,9 +136,7 @@ class H11ResponseParser:
         self._head_checked = False
 
     def close(self) -> None:
-        """The connection is gone: drop the references back to its protocol, so the
-        protocol, this adapter and the h11 state are freed at once instead of waiting for the
-        cyclic garbage collector (measured: RSS crept up by several MiB under load)."""
+        """The connection is gone (see proxy.codec: close)."""
         self._h = None
 
     def feed(self, data: bytes) -> bytes | None:

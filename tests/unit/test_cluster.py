@@ -6,15 +6,16 @@ No sockets, fake time."""
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import orjson
 import pytest
 
 from diagnostics.metrics import Histogram
 from proxy.cluster import (MAX_MESSAGE, ChannelError, Decoder, SharedServerState, apply_state, encode,
-                           merge_histograms, merge_metrics, merge_requests, merge_upstreams, percentiles,
-                           shared_servers, state_of)
-from proxy.servers import HealthPolicy, ServerState, State
+                           merge_histograms, merge_metrics, merge_requests, merge_upstreams, shared_servers,
+                           state_of)
+from proxy.servers import HealthPolicy, ServerState, State, nearest_rank
 
 URL_A, URL_B = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
 
@@ -110,6 +111,8 @@ def test_json_that_is_not_a_typed_object_is_a_channel_error(value):
 def test_encode_turns_unknown_objects_into_strings():
     # default=str: a stray State or Path in a snapshot must not kill the channel
     assert Decoder().feed(encode({"t": "x", "state": State.EJECTED})) == [{"t": "x", "state": "ejected"}]
+    # (orjson writes a StrEnum by itself: the Path is what needs default=str)
+    assert Decoder().feed(encode({"t": "x", "path": Path("/x")})) == [{"t": "x", "path": "/x"}]
 
 
 # ---- a server's state across processes --------------------------------------------------
@@ -229,8 +232,9 @@ def test_on_trial_ok_brings_an_ejected_server_back_once():
     assert s.on_trial_ok() == (State.EJECTED, State.HEALTHY)
     assert s.trial is False and s.eject_reason == "" and s.available(0.0)
     assert s.on_trial_ok() is None        # not ejected: nothing changes, nothing to log
-    assert server().on_trial_ok() is None  # unknown stays unknown
-    assert server().state is State.UNKNOWN
+    unknown = server()
+    assert unknown.on_trial_ok() is None  # unknown stays unknown
+    assert unknown.state is State.UNKNOWN
 
 
 # ---- merging the workers' snapshots ---------------------------------------------------------
@@ -300,12 +304,12 @@ def test_merge_upstreams_with_no_workers_is_the_supervisors_view_with_zero_traff
 
 
 def test_percentiles_are_nearest_rank_like_latency_window():
-    assert percentiles([]) == {"p50": None, "p99": None}
+    assert nearest_rank([]) == {"p50": None, "p99": None}
     samples = [float(v) for v in (7, 1, 3, 9, 5)]
     s = server()
     for v in samples:
         s.latency.add(v)
-    assert percentiles(samples) == s.latency.percentiles() == {"p50": 5.0, "p99": 7.0}
+    assert nearest_rank(samples) == s.latency.percentiles() == {"p50": 5.0, "p99": 7.0}
 
 
 def metrics_entry(s: ServerState) -> dict:
