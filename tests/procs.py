@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import sys
@@ -35,6 +36,34 @@ def vm_rss_kib(pid: int) -> int:
             if line.startswith(b"VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def proc_stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after "(comm)" (state, ppid, ...), or None when the
+    process is gone. comm may contain spaces and parentheses: split after the last ")"."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def children(ppid: int) -> list[int]:
+    """Pids of the live processes whose parent is ppid (Linux /proc)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := proc_stat(int(entry))) is not None and int(stat[1]) == ppid:
+            kids.append(int(entry))
+    return kids
+
+
+def cmdline(pid: int) -> list[bytes]:
+    """A process's argv ([] once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return []
 
 
 def caught_signals(pid: int) -> set[int]:

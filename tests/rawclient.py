@@ -96,14 +96,16 @@ class Raw:
         self.sock.close()
 
 
-async def eventually(predicate, what: str, timeout: float = 3.0) -> None:
-    """Poll `predicate` until it holds; fail after `timeout` seconds."""
+async def eventually(predicate, what: str, timeout: float = 3.0, pace: float = 0.01):
+    """Poll `predicate` until it returns something truthy (returned); fail after `timeout`
+    seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not predicate():
+    while not (result := predicate()):
         if loop.time() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(pace)
+    return result
 
 
 async def until(check, what: str, timeout: float = 3.0):

@@ -24,7 +24,7 @@ import pytest
 from proxy.config import parse_config
 from proxy.config import to_toml
 from tests.conftest import http
-from tests.procs import ROOT, ProxyProc, spawned  # noqa: F401  (spawned: fixture)
+from tests.procs import ROOT, ProxyProc, children, spawned  # noqa: F401  (spawned: fixture)
 
 FIRST_LINE = r"^gatewise demo: proxy on 127\.0\.0\.1:(\d+), admin on 127\.0\.0\.1:(\d+)$"
 FREE_PORTS = ("demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0")
@@ -36,23 +36,6 @@ async def _start_demo(spawned, args: tuple[str, ...] = FREE_PORTS) -> tuple[Prox
     cfg = await demo.wait_stdout(r"^\s+config\s+(\S+)$", timeout=5)
     await demo.wait_stdout(r"^Ctrl-C stops", timeout=5)   # the whole block is out
     return demo, int(m[1]), int(m[2]), cfg[1]
-
-
-def _children(pid: int) -> list[int]:
-    """Live processes whose parent is pid (Linux /proc)."""
-    kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:   # gone meanwhile
-            continue
-        # "pid (comm) state ppid ...": comm may contain spaces and parentheses
-        if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
-            kids.append(int(entry))
-    return kids
 
 
 async def _refused(port: int) -> bool:
@@ -126,7 +109,7 @@ async def test_demo_serves_explains_and_stops_cleanly_on_sigint(spawned):
     assert on_disk.pools["app"].health.interval == 2.0 and on_disk.pools["app"].health.fall == 3
 
     # one process: no children
-    assert _children(demo.pid) == []
+    assert children(demo.pid) == []
 
     demo.send_signal(signal.SIGINT)
     assert await demo.wait_exit(timeout=15) == 0, "\n".join(demo.lines[-20:])

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from proxy import forward
 from tests.conftest import Client
-from tests.integration.test_regressions import Scripted, scripted  # noqa: F401  (scripted: fixture)
+from tests.integration.test_regressions import scripted  # noqa: F401  (a fixture)
 from tests.rawclient import Raw, eventually, forward_tasks
 
 GET = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -39,11 +42,33 @@ def current_exchange(gw):
     return conn.current
 
 
+def the_server(gw):
+    """The pool "app" of a one-server gateway, and its server."""
+    pool = gw.proxy.pools["app"]
+    (server,) = pool.servers
+    return pool, server
+
+
+@pytest.fixture
+def handed_over(monkeypatch):
+    """The failures the fast path handed to a task (Attempt.on_failed runs only there):
+    proof that a failure happened on the fast path, where the outcome alone would look the
+    same from the task path."""
+    calls: list[str] = []
+    original = forward.Attempt.on_failed
+
+    def record(self, ex, exc):
+        calls.append(type(exc).__name__)
+        original(self, ex, exc)
+
+    monkeypatch.setattr(forward.Attempt, "on_failed", record)
+    return calls
+
+
 async def test_pooled_request_runs_without_a_task_and_is_counted_once(upstream, gateway):
     up = await upstream("slow:0.3")
     gw = await gateway([up])
-    pool = gw.proxy.pools["app"]
-    (server,) = pool.servers
+    pool, server = the_server(gw)
     client = await Client.open(gw.port)
     try:
         assert (await client.request()).status == 200
@@ -64,7 +89,8 @@ async def test_pooled_request_runs_without_a_task_and_is_counted_once(upstream, 
     assert gw.proxy.recorder.recent() == []
 
 
-async def test_failure_on_a_pooled_connection_is_retried_on_another_server(scripted, gateway):  # noqa: F811
+async def test_failure_on_a_pooled_connection_is_retried_on_another_server(scripted, gateway,  # noqa: F811
+                                                                          handed_over):
     """The pooled connection to A answers its second request with garbage: the fast
     path hands the failure to the task, which retries the GET on B (an AwaitingHead
     failure of an idempotent request) and notes A's attempt."""
@@ -105,9 +131,10 @@ async def test_failure_on_a_pooled_connection_is_retried_on_another_server(scrip
     assert bad.accepted == 1 and good.accepted == 1  # B's answer came on its pooled connection
     assert pool.in_flight == 0 and server_a.active_requests == 0 and server_b.active_requests == 0
     await eventually(lambda: not forward_tasks(), "the retry's task finished")
+    assert handed_over == ["UpstreamProtocolError"]  # A's failure was met on the fast path
 
 
-async def test_failure_on_a_pooled_connection_reports_its_cause(scripted, gateway):  # noqa: F811
+async def test_failure_on_a_pooled_connection_reports_its_cause(scripted, gateway, handed_over):  # noqa: F811
     """No retry left: the client gets the 502 the task path would give, with the RFC 9209
     cause of the fast path's attempt and that attempt recorded."""
 
@@ -134,9 +161,10 @@ async def test_failure_on_a_pooled_connection_reports_its_cause(scripted, gatewa
     assert entry["error"] == "http_protocol_error" and len(entry["attempts"]) == 1
     assert pool.in_flight == 0 and pool.servers[0].active_requests == 0
     assert pool.request_latency.count == 2
+    assert handed_over == ["UpstreamProtocolError"]
 
 
-async def test_keepalive_race_on_the_fast_path_retries_on_a_fresh_connection(upstream, gateway):
+async def test_keepalive_race_on_the_fast_path_retries_on_a_fresh_connection(upstream, gateway, handed_over):
     """close_after=1: the pooled connection is closed unanswered when the second request
     arrives on it; the retry (counted as a keep-alive race, not against `retries`) goes
     out on a fresh connection and the client never sees the race."""
@@ -151,6 +179,7 @@ async def test_keepalive_race_on_the_fast_path_retries_on_a_fresh_connection(ups
     assert gw.proxy.recorder.keepalive_race_retries == 1
     assert gw.proxy.recorder.recent() == []
     assert up.connections_accepted == 2
+    assert handed_over == ["ConnectionTerminated"]
 
 
 async def test_client_gone_mid_response_on_the_fast_path(upstream, gateway):
@@ -159,8 +188,7 @@ async def test_client_gone_mid_response_on_the_fast_path(upstream, gateway):
     nothing is left counted in flight."""
     up = await upstream("ok")
     gw = await gateway([up])
-    pool = gw.proxy.pools["app"]
-    (server,) = pool.servers
+    pool, server = the_server(gw)
     client = await Raw.open(gw.port, rcvbuf=4096)
     try:
         await client.send(GET)
@@ -188,8 +216,7 @@ async def test_client_gone_before_the_handed_over_task_runs(upstream, gateway):
     attempt is ended where the cancel happens, recorded once, and nothing is dialled."""
     up = await upstream("ok")
     gw = await gateway([up])
-    pool = gw.proxy.pools["app"]
-    (server,) = pool.servers
+    pool, server = the_server(gw)
     client = await Raw.open(gw.port)
     try:
         await eventually(lambda: len(gw.proxy.connections) == 1, "the proxy accepted the client")
@@ -216,8 +243,7 @@ async def test_client_gone_before_the_deferred_write(upstream, gateway):
     connection is closed (never pooled again), and the write never happens."""
     up = await upstream("ok")
     gw = await gateway([up])
-    pool = gw.proxy.pools["app"]
-    (server,) = pool.servers
+    pool, server = the_server(gw)
     client = await Raw.open(gw.port)
     try:
         await client.send(GET)

@@ -24,6 +24,7 @@ still running afterwards, supervisor or worker, is SIGKILLed, even when a test f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -35,7 +36,8 @@ import pytest
 
 from proxy.config import to_toml
 from tests.conftest import http
-from tests.procs import ProxyProc
+from tests.procs import ProxyProc, children, cmdline, proc_stat
+from tests.rawclient import eventually, until
 
 WORKERS = 2
 PREFIX = "/workers-test/"   # our requests; routed to pool "app" (anything else: pool "stray")
@@ -48,37 +50,21 @@ GRACE = 3.0         # timeouts.shutdown_grace in these configs: a stuck drain st
 def pid_running(pid: int) -> bool:
     """True while the process exists and is not a zombie (an orphan's zombie may linger if
     PID 1 does not reap: it runs nothing)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] not in (b"Z", b"X")
 
 
 def is_worker(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"proxy.worker" in f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
+    return b"proxy.worker" in cmdline(pid)
 
 
 def worker_children(parent: int, index: int) -> list[int]:
     """Pids of `python -m proxy.worker --index INDEX` processes whose parent is `parent`."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-            continue
-        if ppid == parent and b"proxy.worker" in argv and argv[argv.index(b"--index") + 1] == str(index).encode():
-            found.append(int(entry))
+    for pid in children(parent):
+        argv = cmdline(pid)
+        if b"proxy.worker" in argv and b"--index" in argv and argv[argv.index(b"--index") + 1] == str(index).encode():
+            found.append(pid)
     return found
 
 
@@ -142,13 +128,19 @@ class Cluster:
         """n requests of ours, each on its own connection (one after another)."""
         return [await self.get() for _ in range(n)]
 
-    async def wait_active(self, url: str, timeout: float = 5.0) -> None:
-        """Poll /debug/upstreams (with a deadline) until a request is in flight to `url`."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while (await self.server(url))["active_requests"] < 1:
-            assert loop.time() < deadline, f"no request in flight to {url} within {timeout} s"
-            await asyncio.sleep(0.01)   # polling pace
+    @contextlib.asynccontextmanager
+    async def request_in_flight(self, url: str):
+        """A request of ours (a task) that the admin shows in flight to `url`; cancelled on
+        the way out if it has not finished."""
+        task = asyncio.create_task(self.get(timeout=10))
+        try:
+            async def active():
+                return (await self.server(url))["active_requests"] >= 1
+            await until(active, f"a request in flight to {url}", 5.0)
+            yield task
+        finally:
+            if not task.done():
+                task.cancel()
 
     async def close(self) -> None:
         gw = self.gw
@@ -463,18 +455,17 @@ async def test_a_restarted_worker_learns_an_ejection_made_while_it_was_starting(
     supervisor = c.gw.proc.pid
     os.kill(c.pids[0], signal.SIGKILL)
     await c.wait_for("worker_exited", worker=0)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10.0
-    while not (spawned := worker_children(supervisor, 0)) and loop.time() < deadline:
-        await asyncio.sleep(0.005)   # polling pace: the restart is not logged until it is ready
-    assert spawned, "worker 0 was not restarted"
+    # the restart is not logged until the new worker is ready: look for the process
+    spawned = await eventually(lambda: worker_children(supervisor, 0), "worker 0 restarted", 10.0, pace=0.005)
     # Worker 0 is starting (its config is on the way); worker 1 alone listens, and its
     # first pick is the refusing server (listed first): one failure ejects it.
     reply = await c.get()
     assert reply.status == 200 and reply.header("x-upstream") == "good"
-    await c.wait_for("server_state", server=refusing.address, new="ejected")
+    ejected = await c.wait_for("server_state", server=refusing.address, new="ejected")
     started = await c.wait_for("worker_started", worker=0, restarts=1)
     assert started["pid"] in spawned
+    # the window this test is about: the ejection came while worker 0 was starting
+    assert c.gw.events.index(ejected) < c.gw.events.index(started)
     entry = await c.server(refusing.url)
     assert (entry["state"], entry["failures_total"]) == ("ejected", 1), entry
 
@@ -488,17 +479,12 @@ async def test_a_restarted_worker_learns_an_ejection_made_while_it_was_starting(
 async def test_sigterm_drains_every_worker_then_exits_0(cluster, upstream, tmp_path):
     slow = await upstream("slow:1", name="slow")
     c = await cluster.start(cluster.config(tmp_path / "gw.toml", [slow.url]))
-    in_flight = asyncio.create_task(c.get(timeout=10))
-    try:
-        await c.wait_active(slow.url)
+    async with c.request_in_flight(slow.url) as in_flight:
         assert not in_flight.done()
         await c.gw.wait_handles(signal.SIGTERM)
         c.gw.send_signal(signal.SIGTERM)
         await c.wait_for("draining")
         reply = await in_flight
-    finally:
-        if not in_flight.done():
-            in_flight.cancel()
     assert reply.status == 200 and reply.body == b"hello\n" and reply.header("x-upstream") == "slow"
     assert await c.gw.wait_exit(GRACE + 5.0) == 0
     stopped = c.events("worker_stopped")
@@ -561,15 +547,10 @@ async def test_sighup_reloads_every_worker_and_a_bad_file_keeps_the_old_config(c
 async def test_workers_of_a_killed_supervisor_finish_in_flight_work_and_exit(cluster, upstream, tmp_path):
     slow = await upstream("slow:0.5", name="slow")
     c = await cluster.start(cluster.config(tmp_path / "gw.toml", [slow.url]))
-    in_flight = asyncio.create_task(c.get(timeout=10))
-    try:
-        await c.wait_active(slow.url)
+    async with c.request_in_flight(slow.url) as in_flight:
         c.gw.proc.kill()
         assert await c.gw.proc.wait() == -signal.SIGKILL
         reply = await in_flight
-    finally:
-        if not in_flight.done():
-            in_flight.cancel()
     assert reply.status == 200 and reply.header("x-upstream") == "slow"    # drained, not dropped
     assert await wait_gone(c.pids, 10.0) == [], "orphaned workers still running"
     # stderr reaches EOF only once every worker has closed it: all gone
