@@ -13,7 +13,8 @@ One run:
 3. starts the proxies under test, each on a free loopback port: gatewise
    (`python -m proxy run -c <generated config>`: the default feature set, i.e. active
    health checks, passive checks, admin listener with /metrics and /debug, the recorder,
-   request ids, X-Forwarded-*, Via), nginx as a proxy (1 worker, upstream keepalive 32,
+   request ids, X-Forwarded-*, Via), "gatewise-w2" (the same with listen.workers = 2,
+   not pinned), nginx as a proxy (1 worker, upstream keepalive 32,
    HTTP/1.1 upstream, no disk buffering), and HAProxy (1 thread, http-reuse always) when
    `haproxy` is installed (never installed by this script), "floor"
    (benchmarks/floor.py: the least a Python forwarder does per request on gatewise's
@@ -48,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import functools
 import json
 import os
 import platform
@@ -268,8 +270,10 @@ def _rss_kib(pids: list[int]) -> int:
     return total
 
 
-def _set_affinity(pids: list[int], cpu: int) -> None:
-    """Move every thread of the processes to one CPU."""
+def _set_affinity(pids: list[int], cpu: int) -> dict[int, set[int]]:
+    """Move every thread of the processes to one CPU; returns where each thread was
+    allowed to run before, for _restore_affinity (an unpinned target stays unpinned)."""
+    before = {}
     for pid in pids:
         try:
             tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
@@ -277,9 +281,19 @@ def _set_affinity(pids: list[int], cpu: int) -> None:
             continue
         for tid in tids:
             try:
+                before[tid] = os.sched_getaffinity(tid)
                 os.sched_setaffinity(tid, {cpu})
             except OSError:
                 pass
+    return before
+
+
+def _restore_affinity(before: dict[int, set[int]]) -> None:
+    for tid, cpus in before.items():
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:   # the thread is gone
+            pass
 
 
 def _open_files_limit(pid: int) -> int:
@@ -545,7 +559,7 @@ backend be
                                                        "--upstream", f"127.0.0.1:{self.backend.port}"]
                            + (["--features"] if features else []), log)
         port = int(_wait_log(log, r"floor listening on 127\.0\.0\.1:(\d+)", proc, name)[1])
-        return Target(name, "floor", port, proc)
+        return Target(name, "floor", port, proc, {"features": features})
 
     def post_script(self, size: int) -> Path:
         path = self.tmp / f"post-{size}.lua"
@@ -571,17 +585,14 @@ def run_wrk(lab: Lab, target: Target, sc: Scenario, duration: int) -> dict:
         cmd += ["-s", str(lab.post_script(sc.request_bytes))]
     cmd.append(target.url(sc.path))
     pids = target.pids()
-    move = sc.one_core and target.proc is not None and lab.load_cpu is not None
-    if move:
-        _set_affinity(pids, lab.load_cpu)
+    moved = _set_affinity(pids, lab.load_cpu) if sc.one_core and target.proc and lab.load_cpu is not None else {}
     try:
         user0, sys0 = _cpu_seconds(pids)
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
         user1, sys1 = _cpu_seconds(pids)
         cpu, system = user1 - user0 + sys1 - sys0, sys1 - sys0
     finally:
-        if move:
-            _set_affinity(pids, lab.proxy_cpu)
+        _restore_affinity(moved)
     text = out.stdout
     if out.returncode != 0 or "Requests/sec" not in text:
         raise BenchError(f"wrk failed against {target.name} ({out.returncode}): {text}{out.stderr}")
@@ -602,6 +613,7 @@ def run_wrk(lab: Lab, target: Target, sc: Scenario, duration: int) -> dict:
         if target.proc.poll() is not None:
             raise BenchError(f"{target.name} exited during the run (exit {target.proc.returncode})")
         r["cpu_s"] = cpu
+        r["sys_s"] = system
         r["cpu_us_per_req"] = cpu / requests * 1e6 if requests else float("nan")
         r["sys_us_per_req"] = system / requests * 1e6 if requests else float("nan")  # the kernel's part
         r["rss_kib"] = _rss_kib(pids)
@@ -837,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
     if "haproxy" in wanted and "haproxy" not in tools:
         print("bench: haproxy is not installed; its column is skipped (this script never installs it)",
               file=sys.stderr)
-    srcs = [s.resolve() for s in (args.src or [ROOT])] if "gatewise" in wanted else []
+    srcs = [s.resolve() for s in (args.src or [ROOT])] if wanted & {"gatewise", "gatewise-w2"} else []
     for tree in dict.fromkeys(srcs):
         problem = _check_imports(args.python, tree)
         if problem:
@@ -864,6 +876,21 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": [s.__dict__ for s in scenarios], "targets": {}, "runs": [],
     }
     lab = Lab(tools, args.python, pin, idle_n)
+    # How to start each proxy column, in table order (again, fresh, for the idle measurement)
+    starters: dict = {}
+    if "gatewise" in wanted:
+        for name, src in zip(gw_names, srcs):
+            starters[name] = functools.partial(lab.start_gatewise, name, src)
+    if "gatewise-w2" in wanted:
+        starters["gatewise-w2"] = functools.partial(lab.start_gatewise, "gatewise-w2", srcs[-1], workers=2)
+    if "nginx" in wanted:
+        starters["nginx"] = lab.start_nginx_proxy
+    if "haproxy" in wanted and "haproxy" in tools:
+        starters["haproxy"] = lab.start_haproxy
+    if "floor" in wanted:
+        starters["floor"] = lab.start_floor
+    if "floor+features" in wanted:
+        starters["floor+features"] = functools.partial(lab.start_floor, features=True)
     targets: list[Target] = []
     rss: dict = {}
     idle: dict = {}
@@ -871,21 +898,13 @@ def main(argv: list[str] | None = None) -> int:
         backend = lab.start_backend()
         if "direct" in wanted:
             targets.append(backend)
-        for name, src in zip(gw_names, srcs):
-            targets.append(lab.start_gatewise(name, src))
-        if "gatewise-w2" in wanted:
-            targets.append(lab.start_gatewise("gatewise-w2", srcs[-1] if srcs else ROOT, workers=2))
-        if "nginx" in wanted:
-            targets.append(lab.start_nginx_proxy())
-        if "haproxy" in wanted and "haproxy" in tools:
+        for name, start in starters.items():
             try:
-                targets.append(lab.start_haproxy())
-            except BenchError as exc:   # optional column: say why and go on without it
-                print(f"bench: skipping haproxy: {exc}", file=sys.stderr)
-        if "floor" in wanted:
-            targets.append(lab.start_floor())
-        if "floor+features" in wanted:
-            targets.append(lab.start_floor(features=True))
+                targets.append(start())
+            except BenchError as exc:
+                if name != "haproxy":
+                    raise
+                print(f"bench: skipping haproxy: {exc}", file=sys.stderr)  # optional: go on without it
         if not targets:
             raise BenchError("no targets to run")
         for t in targets:
@@ -937,16 +956,7 @@ def main(argv: list[str] | None = None) -> int:
         elif idle_n:
             for t in proxies:
                 lab.stop(t)
-            fresh = []
-            for name, src in zip(gw_names, srcs):
-                fresh.append(lambda name=name, src=src: lab.start_gatewise(name, src))
-            if "gatewise-w2" in names:
-                fresh.append(lambda: lab.start_gatewise("gatewise-w2", srcs[-1] if srcs else ROOT, workers=2))
-            if "nginx" in names:
-                fresh.append(lab.start_nginx_proxy)
-            if "haproxy" in names:
-                fresh.append(lab.start_haproxy)
-            for start in fresh:
+            for start in [starters[t.name] for t in proxies if t.kind != "floor"]:
                 t = start()
                 print(f"  idle: {idle_n:,} keep-alive connections to a fresh {t.name}", file=sys.stderr, flush=True)
                 try:
@@ -963,7 +973,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         lab.close()
 
-    names = [t.name for t in targets]
     proxy_names = [n for n in names if n != "direct"]
     summary = summarize(results["runs"], scenarios, names)
     added = added_latency(summary, proxy_names)
@@ -1000,7 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
                 parts.append(f"{n} {r['kib_per_connection']:.1f} KiB/connection ({r['rss_before_kib'] / 1024:.1f} -> "
                              f"{r['rss_with_kib'] / 1024:.1f} MiB; {r['rss_after_close_kib'] / 1024:.1f} after closing)")
         out.append(f"Idle keep-alive connections ({idle_n:,}, one request each): " + "; ".join(parts))
-    for n in gw_names:
+    for n in [t.name for t in targets if t.kind in ("gatewise", "floor")]:
         if "nginx" in names or n in rss:
             check = targets_check(summary, added, rss, idle, n)
             if check:

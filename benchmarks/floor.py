@@ -17,26 +17,25 @@ gatewise's default config does for every request: header fields classified by na
 -Host, Via both ways, a request id (kept from a sane X-Request-Id, else 96 random bits)
 both ways, Date added when missing, Proxy-Status received-status on a 5xx, a
 per-connection deadline moved per request (an attribute write, as gatewise's Deadline
-does), and per-server statistics (responses by class, latency ring and EWMA, a latency
-histogram). So: gatewise - floor is what gatewise costs; floor+features - floor is what
-the features cost when done with no layering; gatewise - floor+features is the layering.
+does), and the statistics gatewise keeps per request (responses by class, the latency
+window with its EWMA, the upstream and request latency histograms). So: gatewise - floor
+is what gatewise costs; floor+features - floor is what the features cost when done with
+no layering; gatewise - floor+features is the layering.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import random
-import re
 import sys
 import time
-from binascii import hexlify
-from bisect import bisect_left
-from email.utils import formatdate
 
 import httptools
 import uvloop
+
+from diagnostics.metrics import Histogram
+from proxy.headers import _SANE_ID as SANE_ID, HOP_BY_HOP, date_field, new_request_id_bytes
+from proxy.servers import LatencyWindow
 
 
 class Upstream(asyncio.Protocol):
@@ -160,27 +159,23 @@ class Client(asyncio.Protocol):
 
 
 # -- --features: the per-request work of gatewise's defaults, inline --------------------------
-HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
-              b"upgrade"}
-SANE_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+# gatewise's own pieces where one call does the feature's work (the id, Date, the latency
+# window and histograms): what they cost is the features' cost, not the layering's.
 VIA = b"1.1 gatewise"
-BOUNDS = (.005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0)
 KEEP, DROP, HOST, XFF, VIA_F, REQUEST_ID, DATE = range(7)
 REQUEST_KINDS = {**{n: DROP for n in HOP_BY_HOP}, b"host": HOST, b"x-forwarded-for": XFF, b"via": VIA_F,
                  b"x-request-id": REQUEST_ID, b"x-forwarded-proto": DROP, b"x-forwarded-host": DROP}
 RESPONSE_KINDS = {**{n: DROP for n in HOP_BY_HOP}, b"via": VIA_F, b"x-request-id": DROP, b"date": DATE}
-ids = random.Random(os.urandom(16))
-date_cache = [0, b""]
 
 
 class Stats:
+    """One server's and one pool's statistics, as gatewise keeps them per request."""
+
     def __init__(self) -> None:
         self.by_class = [0] * 6
-        self.ring = [0.0] * 256
-        self.next = 0
-        self.ewma = 0.0
-        self.counts = [0] * (len(BOUNDS) + 1)
-        self.sum = 0.0
+        self.latency = LatencyWindow()
+        self.upstream_latency = Histogram()
+        self.request_latency = Histogram()
 
 
 STATS = Stats()
@@ -219,10 +214,7 @@ class FeatureUpstream(Upstream):
         out += self.fields
         out += (b"Via: ", VIA if self.via is None else self.via + b", " + VIA, b"\r\n")
         if not self.date:
-            now = int(time.time())
-            if now != date_cache[0]:
-                date_cache[:] = [now, b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"]
-            out.append(date_cache[1])
+            out.append(date_field())
         if status >= 500:
             out.append(b"Proxy-Status: gatewise; received-status=%d\r\n" % status)
         out += (b"X-Request-Id: ", client.current_id, b"\r\n\r\n")
@@ -233,12 +225,9 @@ class FeatureUpstream(Upstream):
         seconds = time.perf_counter() - client.started
         st = STATS
         st.by_class[status // 100 if status < 600 else 5] += 1
-        ms = seconds * 1000
-        st.ring[st.next] = ms
-        st.next = (st.next + 1) % 256
-        st.ewma += 0.1 * (ms - st.ewma)
-        st.counts[bisect_left(BOUNDS, seconds)] += 1
-        st.sum += seconds
+        st.latency.add(seconds * 1000)
+        st.upstream_latency.observe(seconds)
+        st.request_latency.observe(seconds)  # gatewise times the whole request apart
 
 
 class FeatureClient(Client):
@@ -275,7 +264,7 @@ class FeatureClient(Client):
     def on_headers_complete(self) -> None:
         self.started = time.perf_counter()
         self.deadline = asyncio.get_running_loop().time() + 75.0
-        self.current_id = self.request_id or hexlify(ids.getrandbits(96).to_bytes(12, "big"))
+        self.current_id = self.request_id or new_request_id_bytes()
         xff = self.xff
         out = [self.parser.get_method(), b" ", self.url, b" HTTP/1.1\r\n", *self.fields,
                b"X-Forwarded-For: ", self.client_ip if xff is None else xff + b", " + self.client_ip, b"\r\n",

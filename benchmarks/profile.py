@@ -30,6 +30,7 @@ starts is stopped.
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import re
 import selectors
@@ -42,16 +43,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# the stubs benchmarks/ablate/sitecustomize.py knows
-ABLATIONS = ("stats", "timers", "gates", "routing", "reqheaders", "respheaders", "defer", "codecsize")
+ABLATE_STUBS = ROOT / "benchmarks" / "ablate" / "sitecustomize.py"  # its NAMES are the --ablate choices
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: profile\r\nAccept: */*\r\n\r\n"
 BODY = b"hello\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(pattern: str, path: Path, proc: subprocess.Popen, timeout: float) -> re.Match:
@@ -66,19 +60,17 @@ def _wait(pattern: str, path: Path, proc: subprocess.Popen, timeout: float) -> r
     raise SystemExit(f"no {pattern!r} within {timeout:g} s:\n{path.read_text()[-2000:]}")
 
 
-def load(port: int, connections: int, requests: int) -> None:
-    """`connections` keep-alive connections, `requests` GETs each, one in flight per
-    connection; returns when every response has arrived."""
+def load(socks: list[socket.socket], requests: int) -> None:
+    """`requests` GETs on each of the open keep-alive connections `socks`, one in flight per
+    connection; returns when every response has arrived (the connections stay open, so
+    the counted window holds requests only: no accept, no connect, no close)."""
     sel = selectors.DefaultSelector()
     left: dict[socket.socket, list] = {}
-    for _ in range(connections):
-        s = socket.create_connection(("127.0.0.1", port))
-        s.setblocking(False)
+    for s in socks:
         left[s] = [requests, b""]
         s.send(REQUEST)
         sel.register(s, selectors.EVENT_READ)
-    done = 0
-    while done < connections:
+    while sel.get_map():
         events = sel.select(30)
         if not events:
             raise SystemExit("no response for 30 s")
@@ -94,10 +86,9 @@ def load(port: int, connections: int, requests: int) -> None:
                 state[0] -= 1
                 if state[0] == 0:
                     sel.unregister(s)
-                    s.close()
-                    done += 1
                     break
                 s.send(REQUEST)
+    sel.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,11 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": str(src), "PYTHONHASHSEED": "0"}
     gw_env = env
     if args.ablate:
-        unknown = set(args.ablate.split(",")) - set(ABLATIONS)
-        if unknown or args.target != "gatewise":
-            p.error(f"--ablate: {', '.join(sorted(unknown))} not in {', '.join(ABLATIONS)}" if unknown
-                    else "--ablate applies to --target gatewise only")
-        gw_env = {**env, "PYTHONPATH": f"{ROOT / 'benchmarks' / 'ablate'}{os.pathsep}{src}",
+        if args.target != "gatewise":
+            p.error("--ablate applies to --target gatewise only")
+        names = ast.literal_eval(re.search(r"^NAMES = (\(.*?\))$", ABLATE_STUBS.read_text(), re.M)[1])
+        unknown = set(args.ablate.split(",")) - set(names)
+        if unknown:
+            p.error(f"--ablate: {', '.join(sorted(unknown))} not in {', '.join(names)} ({ABLATE_STUBS})")
+        gw_env = {**env, "PYTHONPATH": f"{ABLATE_STUBS.parent}{os.pathsep}{src}",
                   "ABLATE": args.ablate}
     tmp = Path(tempfile.mkdtemp(prefix="gatewise-profile-"))
     procs: list[subprocess.Popen] = []
@@ -132,28 +125,32 @@ def main(argv: list[str] | None = None) -> int:
                                    cwd=src, env=env, stdout=backend_log.open("wb"), stderr=subprocess.STDOUT)
         procs.append(backend)
         backend_port = int(_wait(r"127\.0\.0\.1:(\d+)", backend_log, backend, 15)[1])
-        port = _free_port()
         cfg = tmp / "gatewise.toml"
-        cfg.write_text(f'[listen]\naddress = "127.0.0.1:{port}"\n[admin]\naddress = "127.0.0.1:0"\n'
+        cfg.write_text(f'[listen]\naddress = "127.0.0.1:0"\n[admin]\naddress = "127.0.0.1:0"\n'
                        f'[[pools.app.servers]]\nurl = "http://127.0.0.1:{backend_port}"\n')
         out = tmp / "callgrind.out"
         log = tmp / "gatewise.log"
         if args.target == "gatewise":
-            cmd, ready = [args.python, "-m", "proxy", "run", "-c", str(cfg)], r'"event":"listening"'
+            cmd, ready = [args.python, "-m", "proxy", "run", "-c", str(cfg)], r'"event":"listening","address":"127\.0\.0\.1:(\d+)"'
         else:
-            cmd = [args.python, str(ROOT / "benchmarks" / "floor.py"), "--listen", f"127.0.0.1:{port}",
+            cmd = [args.python, str(ROOT / "benchmarks" / "floor.py"), "--listen", "127.0.0.1:0",
                    "--upstream", f"127.0.0.1:{backend_port}"] + (["--features"] if args.target != "floor" else [])
-            ready = "floor listening"
+            ready = r"floor listening on 127\.0\.0\.1:(\d+)"
         gw = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                                *cmd], cwd=src, env=gw_env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
         procs.append(gw)
-        _wait(ready, log, gw, 120)  # Python under valgrind starts slowly
-        load(port, args.connections, 5)
+        port = int(_wait(ready, log, gw, 120)[1])  # Python under valgrind starts slowly
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(args.connections)]
+        for s in socks:
+            s.setblocking(False)
+        load(socks, 5)  # warm-up: pooled upstream connections, learned header names
         subprocess.run(["callgrind_control", "-i", "on", str(gw.pid)], check=True, capture_output=True)
-        load(port, args.connections, args.requests)
+        load(socks, args.requests)
         subprocess.run(["callgrind_control", "-i", "off", str(gw.pid)], check=True, capture_output=True)
+        for s in socks:
+            s.close()
         subprocess.run(["callgrind_control", "-d", str(gw.pid)], check=True, capture_output=True)
-        dumps = sorted(tmp.glob("callgrind.out*"), key=lambda f: f.stat().st_mtime)
+        dumps = list(tmp.glob("callgrind.out*"))
         totals = [int(m[1]) for f in dumps if (m := re.search(r"^totals:\s+(\d+)", f.read_text(), re.M))]
         if not totals:
             raise SystemExit(f"no callgrind totals in {tmp}")

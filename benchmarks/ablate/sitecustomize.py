@@ -18,14 +18,16 @@ fine for counting and nothing else. Never on a PYTHONPATH outside profile.py.
 """
 import os
 
+NAMES = ("stats", "timers", "gates", "routing", "reqheaders", "respheaders", "defer", "codecsize")
 ABLATE = set(filter(None, os.environ.get("ABLATE", "").split(",")))
+if ABLATE - set(NAMES):
+    raise SystemExit(f"ABLATE: {', '.join(sorted(ABLATE - set(NAMES)))} not in {', '.join(NAMES)}")
 
 if ABLATE:
     import proxy.servers as S
     import proxy.flow as F
     import proxy.forward as FW
     import proxy.headers as H
-    import proxy.exchange as EX
     import proxy.upstream_conn as UC
     import proxy.downstream as D
     import proxy.codec.llhttp as L
