@@ -20,7 +20,7 @@ import pytest
 
 from proxy import forward
 from tests.conftest import Client
-from tests.integration.test_regressions import scripted  # noqa: F401  (a fixture)
+from tests.integration.test_regressions import Scripted, scripted  # noqa: F401  (scripted: a fixture)
 from tests.rawclient import Raw, eventually, forward_tasks
 
 GET = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -47,6 +47,17 @@ def the_server(gw):
     pool = gw.proxy.pools["app"]
     (server,) = pool.servers
     return pool, server
+
+
+async def ok_then_garbage(server: Scripted, sock) -> None:
+    """A scripted upstream connection: the first request gets OK, a second one bytes that
+    are not HTTP; then it waits until the proxy closes it."""
+    head, rest = await server.read_head(sock, b"")
+    await server.loop.sock_sendall(sock, OK)
+    head, rest = await server.read_head(sock, rest)
+    if head is not None:
+        await server.loop.sock_sendall(sock, b"\x00\x01garbage that is not HTTP\r\n\r\n")
+        await server.read_head(sock, rest)
 
 
 @pytest.fixture
@@ -95,14 +106,6 @@ async def test_failure_on_a_pooled_connection_is_retried_on_another_server(scrip
     path hands the failure to the task, which retries the GET on B (an AwaitingHead
     failure of an idempotent request) and notes A's attempt."""
 
-    async def a(sock, index):
-        head, rest = await bad.read_head(sock, b"")
-        await bad.loop.sock_sendall(sock, OK)
-        head, rest = await bad.read_head(sock, rest)
-        if head is not None:
-            await bad.loop.sock_sendall(sock, b"\x00\x01garbage that is not HTTP\r\n\r\n")
-            await bad.read_head(sock, rest)  # until the proxy closes it
-
     async def b(sock, index):
         rest = b""
         while True:
@@ -111,7 +114,7 @@ async def test_failure_on_a_pooled_connection_is_retried_on_another_server(scrip
                 return
             await good.loop.sock_sendall(sock, OK)
 
-    bad = await scripted(a)
+    bad = await scripted(lambda sock, index: ok_then_garbage(bad, sock))
     good = await scripted(b)
     gw = await gateway([bad.url, good.url], pool={"retries": 1})
     pool = gw.proxy.pools["app"]
@@ -137,16 +140,7 @@ async def test_failure_on_a_pooled_connection_is_retried_on_another_server(scrip
 async def test_failure_on_a_pooled_connection_reports_its_cause(scripted, gateway, handed_over):  # noqa: F811
     """No retry left: the client gets the 502 the task path would give, with the RFC 9209
     cause of the fast path's attempt and that attempt recorded."""
-
-    async def handler(sock, index):
-        head, rest = await up.read_head(sock, b"")
-        await up.loop.sock_sendall(sock, OK)
-        head, rest = await up.read_head(sock, rest)
-        if head is not None:
-            await up.loop.sock_sendall(sock, b"\x00\x01garbage that is not HTTP\r\n\r\n")
-            await up.read_head(sock, rest)
-
-    up = await scripted(handler)
+    up = await scripted(lambda sock, index: ok_then_garbage(up, sock))
     gw = await gateway([up.url], pool={"retries": 0})
     pool = gw.proxy.pools["app"]
     client = await Client.open(gw.port)
