@@ -172,7 +172,8 @@ class DownstreamProtocol(asyncio.Protocol):
         if not ex.body_complete:  # else on_request_end follows in this same feed and rearms
             self._rearm()
         if self.current is None:
-            self._start(ex, fast=True)
+            self.current = ex
+            forward.start(proxy, ex)
         else:
             self.queue.append(ex)
             self.gate.pause(QUEUED)
@@ -186,13 +187,12 @@ class DownstreamProtocol(asyncio.Protocol):
         ex.on_client_body(data)
 
     def on_request_end(self, trailers) -> None:
-        self.receiving.on_client_end(trailers)
+        ex = self.receiving
+        if not ex.body_complete:  # (a request without a body was complete at its head)
+            ex.on_client_end(trailers)
         self._rearm()
 
     # -- serving -----------------------------------------------------------------------
-    def _start(self, ex: Exchange, fast: bool) -> None:
-        self.current = ex
-        forward.start(self.proxy, ex, fast)
 
     def exchange_done(self, ex: Exchange) -> None:
         """The whole response for `ex` has been handed to the transport (or is queued
@@ -231,7 +231,8 @@ class DownstreamProtocol(asyncio.Protocol):
             self.gate.resume(QUEUED)
         # Never the fast path here: this runs inside the upstream's callbacks, and the
         # connection they just released would be leased again before its parser returns.
-        self._start(item, fast=False)
+        self.current = item
+        forward.start_task(self.proxy, item)
 
     def send_error(self, ex: Exchange | None, exc: ProxyError) -> None:
         """Answer with a gatewise-generated error (never after a response head)."""

@@ -174,14 +174,16 @@ class Exchange:
             self.client.out(H.trailer_block(trailers))
         self.finished = True
         self.conn = None
-        self.client.gate.resume(PEER_FULL)
+        client = self.client
+        if client.gate.reasons:
+            client.gate.resume(PEER_FULL)
         # A declined Upgrade leaves the upstream unsure what follows: never pool it.
-        self.client.proxy.release(conn, self.body_complete and not self.head.upgrade)
+        conn.release(self.body_complete and not self.head.upgrade, client.proxy.draining)
         if self.fast is not None:
             self.fast.on_end(self)
         elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-        self.client.exchange_done(self)
+        client.exchange_done(self)
 
     def on_upstream_failed(self, conn, exc: ProxyError) -> None:
         if conn is not self.conn:

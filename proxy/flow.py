@@ -87,24 +87,26 @@ BUFFERING = 4    # request body bytes held while no upstream connection is ready
 
 
 class ReadGate:
-    __slots__ = ("_transport", "_reasons")
+    __slots__ = ("_transport", "reasons")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
-        self._reasons = 0
+        # Why reading is paused (bits above; 0: reading). Read-only outside: a caller on the
+        # hot path tests it to skip a resume() that would do nothing.
+        self.reasons = 0
 
     def pause(self, reason: int) -> None:
-        if not self._reasons:
+        if not self.reasons:
             try:
                 self._transport.pause_reading()
             except (RuntimeError, AttributeError):  # closing transport
                 pass
-        self._reasons |= reason
+        self.reasons |= reason
 
     def resume(self, reason: int) -> None:
-        if self._reasons & reason:
-            self._reasons &= ~reason
-            if not self._reasons:
+        if self.reasons & reason:
+            self.reasons &= ~reason
+            if not self.reasons:
                 try:
                     self._transport.resume_reading()
                 except (RuntimeError, AttributeError):
@@ -112,4 +114,4 @@ class ReadGate:
 
     @property
     def paused(self) -> bool:
-        return bool(self._reasons)
+        return bool(self.reasons)

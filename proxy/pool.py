@@ -6,7 +6,8 @@
   `Keep-Alive: timeout=` minus a margin): retiring a connection before the upstream
   does avoids most of the keep-alive race (RFC 9112 §9.6 lets either side close an
   idle connection at any time). The race that remains is handled in forward.py.
-- `take` and `put` return the connections to close; the caller closes them.
+- `take` and `put` return the connections to close (a tuple, empty in the common
+  case); the caller closes them.
 """
 
 from __future__ import annotations
@@ -37,26 +38,28 @@ class IdlePool:
         return len(self._idle)
 
     def take(self, now: float):
-        """(a usable idle connection or None, connections to close)."""
-        stale = []
+        """(a usable idle connection or None, connections to close: a shared empty tuple
+        when there are none, the per-request case)."""
+        stale = ()
         idle = self._idle
         while idle:
             conn, expires = idle.pop()
             if expires > now and conn.alive:
                 return conn, stale
-            stale.append(conn)
+            stale += (conn,)
         return None, stale
 
     def put(self, conn, expires: float, now: float) -> list:
         """Keep conn until `expires`; returns connections to close (conn itself when it
         is already past its expiry, or the oldest ones over max_idle)."""
         if expires <= now:
-            return [conn]
-        self._idle.append((conn, expires))
-        if len(self._idle) > self.max_idle:
-            oldest, _ = self._idle.pop(0)
-            return [oldest]
-        return []
+            return (conn,)
+        idle = self._idle
+        idle.append((conn, expires))
+        if len(idle) > self.max_idle:
+            oldest, _ = idle.pop(0)
+            return (oldest,)
+        return ()
 
     def discard(self, conn) -> None:
         """conn closed while idle (the upstream hung up): forget it."""

@@ -29,7 +29,7 @@ from proxy.inspect import ProxyView
 from proxy.errors import ConnectRefused, DestinationUnroutable, ProxyError
 from proxy.headers import date_field, new_request_id, status_line
 from proxy.logs import log_event
-from proxy.pool import IdlePool, idle_expiry
+from proxy.pool import IdlePool
 from proxy.router import Route, Router
 from proxy.servers import HealthPolicy, ServerState
 from proxy.resolve import Resolver
@@ -108,12 +108,6 @@ class Proxy:
         self.all_closed = asyncio.Event()  # set when draining and the last client is gone
 
     # -- upstream connections ------------------------------------------------------------
-    def lease(self, pool: PoolRuntime, server: ServerState, now: float):
-        conn, stale = pool.idle[server].take(now)
-        for c in stale:
-            c.close()
-        return conn
-
     async def connect(self, pool: PoolRuntime, server: ServerState) -> UpstreamConnection:
         """A new connection for live traffic, owned by the server's idle pool."""
         cfg = self.cfg
@@ -153,19 +147,6 @@ class Proxy:
             for idle in pool.idle.values():
                 for conn in idle.drain():
                     conn.close()
-
-    def release(self, conn: UpstreamConnection, request_complete: bool) -> None:
-        """An exchange finished on conn: pool it when both sides allow, else close it."""
-        # Bytes still queued to the upstream mean it has not read all of this request.
-        if (not (request_complete and conn.reusable) or self.draining
-                or conn.transport.get_write_buffer_size()):
-            conn.close()
-            return
-        now = self.loop.time()
-        expires = idle_expiry(now, self.cfg.timeouts.upstream_idle, conn.keepalive_timeout)
-        conn.release(expires)
-        for c in conn.idle_pool.put(conn, expires, now):
-            c.close()
 
     # -- errors ----------------------------------------------------------------------------
     def received_status_member(self, next_hop: str, status: int) -> bytes:

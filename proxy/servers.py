@@ -236,6 +236,14 @@ class ServerState:
             return self.on_trial_ok()
         return None
 
+    def on_answered(self, status: int, head_seconds: float, trial: bool) -> Transition | None:
+        """on_success, then on_attempt_end, in one call: a response ended the attempt."""
+        self.active_requests -= 1
+        change = self.on_success(status, head_seconds, trial)
+        if trial:
+            self.trial = False
+        return change
+
     def on_trial_ok(self) -> Transition | None:
         """The trial request of a cooled ejection got an answer: back in."""
         self.trial = False

@@ -31,6 +31,7 @@ from proxy.errors import (BodyReadTimeout, TlsProtocolError, ConnectionTerminate
                           UpstreamProtocolError, WriteTimeout)
 from proxy.flow import HIGH_WATER, LOW_WATER, Deadline
 from proxy.logs import log_event
+from proxy.pool import idle_expiry
 from proxy.tls import translate, translate_after_handshake
 
 IDLE, SENDING, WAITING, BODY, CLOSED = "idle", "sending", "waiting", "body", "closed"
@@ -250,18 +251,26 @@ class UpstreamConnection(asyncio.Protocol):
             if self.state is BODY:
                 self._timer.set(self._loop.time() + self._timeouts.idle_read)
 
-    def release(self, idle_until: float) -> None:
-        """The exchange is complete and this connection goes back to the pool."""
+    def release(self, request_complete: bool, draining: bool) -> None:
+        """The exchange is complete: back to the server's idle pool when both sides allow
+        it, else closed. Pooled, it expires at pool.idle_expiry."""
         self.exchange = None
+        # Bytes still queued to the upstream mean it has not read all of this request.
+        if (draining or not (request_complete and self.alive and self.request_done and self.upstream_keep_alive
+                             and self._parser.reusable) or self.transport.get_write_buffer_size()):
+            self.close()
+            return
         self.state = IDLE
         self.reused = True
         if self._client_paused:
             self.resume_for_client()
-        self._timer.set(idle_until)
-
-    @property
-    def reusable(self) -> bool:
-        return self.alive and self.request_done and self.upstream_keep_alive and self._parser.reusable
+        now = self._loop.time()
+        advertised = self.keepalive_timeout
+        idle = self._timeouts.upstream_idle
+        expires = now + idle if advertised is None else idle_expiry(now, idle, advertised)
+        self._timer.set(expires)
+        for c in self.idle_pool.put(self, expires, now):
+            c.close()
 
     def fail(self, exc: ProxyError) -> None:
         """Give up on this connection and tell the exchange why (exactly once)."""
@@ -296,8 +305,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange.on_upstream_body(data)
 
     def on_response_end(self, trailers) -> None:
-        # No timer move here: the exchange now hands this connection to Server.release,
-        # which pools it (release() re-arms the timer for idleness) or closes it (cancels).
+        # No timer move here: the exchange now releases this connection, which pools it
+        # (re-arming the timer for idleness) or closes it (cancelling it).
         self.exchange.on_upstream_end(self, trailers)
 
     # -- failures -------------------------------------------------------------------------

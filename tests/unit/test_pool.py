@@ -16,14 +16,14 @@ class Conn:
 def test_lifo_reuse_and_stale_entries_are_returned_for_closing():
     pool = IdlePool()
     a, b, c = Conn("a"), Conn("b"), Conn("c", alive=True)
-    assert pool.put(a, expires=10, now=0) == []
-    assert pool.put(b, expires=5, now=0) == []
-    assert pool.put(c, expires=20, now=0) == []
+    assert pool.put(a, expires=10, now=0) == ()
+    assert pool.put(b, expires=5, now=0) == ()
+    assert pool.put(c, expires=20, now=0) == ()
     conn, stale = pool.take(now=1)
-    assert conn is c and stale == []           # newest first
+    assert conn is c and stale == ()           # newest first
     conn, stale = pool.take(now=6)
-    assert conn is a and stale == [b]          # b expired at 5
-    assert pool.take(now=7) == (None, [])
+    assert conn is a and stale == (b,)          # b expired at 5
+    assert pool.take(now=7) == (None, ())
 
 
 def test_dead_connections_are_skipped():
@@ -33,7 +33,7 @@ def test_dead_connections_are_skipped():
     pool.put(b, 10, 0)
     b.alive = False  # the upstream closed it while idle
     conn, stale = pool.take(now=1)
-    assert conn is a and stale == [b]
+    assert conn is a and stale == (b,)
 
 
 def test_over_capacity_evicts_the_oldest():
@@ -41,14 +41,14 @@ def test_over_capacity_evicts_the_oldest():
     a, b, c = Conn("a"), Conn("b"), Conn("c")
     pool.put(a, 10, 0)
     pool.put(b, 10, 0)
-    assert pool.put(c, 10, 0) == [a]
+    assert pool.put(c, 10, 0) == (a,)
     assert len(pool) == 2
 
 
 def test_already_expired_is_closed_at_once():
     pool = IdlePool()
     a = Conn("a")
-    assert pool.put(a, expires=1, now=1) == [a]
+    assert pool.put(a, expires=1, now=1) == (a,)
     assert len(pool) == 0
 
 
