@@ -87,6 +87,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self.closing = True
         # The first request gets client_header from the moment the connection opens.
         self._enter_head()
+        self._timer.set(self._head_deadline)
 
     def data_received(self, data: bytes) -> None:
         if self._tunnel is not None:
@@ -109,6 +110,8 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         if rest is not None:
             self._await_tunnel(rest)
+        elif self.state is HEAD:  # a head still incomplete after this read: time it
+            self._timer.set(self._head_deadline)
         self.flush()
 
     def eof_received(self) -> bool:
@@ -157,16 +160,16 @@ class DownstreamProtocol(asyncio.Protocol):
     # -- codec events ------------------------------------------------------------------
     def on_request_head(self, head) -> None:
         proxy = self.proxy
-        info = H.scan_request(head, proxy.proxy_name_b)
-        ex = Exchange(self, head, info, perf_counter())
+        H.scan_request(head, proxy.proxy_name_b)
+        ex = Exchange(self, head, perf_counter())
         self.receiving = ex
-        if info.problem is not None:
+        if head.problem is not None:
             self._refused_head = ex  # the rejection belongs to this request
-            raise BadRequest(info.problem)
+            raise BadRequest(head.problem)
         limit = proxy.cfg.limits.max_request_body_bytes
-        if limit and info.framing == H.LENGTH and info.content_length > limit:
+        if limit and head.framing == H.LENGTH and head.content_length > limit:
             self._refused_head = ex
-            raise RequestBodyTooLarge(f"Content-Length {info.content_length} over "
+            raise RequestBodyTooLarge(f"Content-Length {head.content_length} over "
                                       f"limits.max_request_body_bytes = {limit}")
         self.state = BUSY
         if not ex.body_complete:  # else on_request_end follows in this same feed and rearms
@@ -188,9 +191,13 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def on_request_end(self, trailers) -> None:
         ex = self.receiving
-        if not ex.body_complete:  # (a request without a body was complete at its head)
+        if not ex.body_complete:
             ex.on_client_end(trailers)
-        self._rearm()
+            self._rearm()
+        elif not self._write_paused:
+            # a request without a body, complete at its head: nothing to time on this side
+            # until its response is out (_rearm's case, without the call)
+            self._timer.set(None)
 
     # -- serving -----------------------------------------------------------------------
 
@@ -215,9 +222,10 @@ class DownstreamProtocol(asyncio.Protocol):
                 self._next()
         elif self.closing:
             self.close()
+        elif self.receiving is ex:  # no request after it yet: idle (_rearm's case, without the call)
+            self.state = IDLE
+            self._timer.set(self.loop.time() + self.proxy.cfg.timeouts.client_idle)
         else:
-            if self.receiving is ex:
-                self.state = IDLE
             self._rearm()
 
     def _next(self) -> None:
@@ -352,9 +360,10 @@ class DownstreamProtocol(asyncio.Protocol):
 
     # -- timer ----------------------------------------------------------------------------
     def _enter_head(self) -> None:
+        """A head begins (its deadline is armed only if it is still incomplete after the
+        read that began it: the usual head arrives whole, and the idle timer then stays)."""
         self.state = HEAD
         self._head_deadline = self.loop.time() + self.proxy.cfg.timeouts.client_header
-        self._timer.set(self._head_deadline)
 
     def _rearm(self) -> None:
         t = self.proxy.cfg.timeouts

@@ -30,15 +30,14 @@ REPLAY_LIMIT = 64 * 1024
 
 
 class Exchange:
-    __slots__ = ("client", "head", "info", "target", "started", "task", "conn", "_waiter",
+    __slots__ = ("client", "head", "target", "started", "task", "conn", "_waiter",
                  "body_chunks", "body_size", "body_received", "body_complete", "replayable",
                  "committed", "finished", "framing", "keep_alive", "status", "attempts", "tunnel_rest",
                  "pool", "head_at", "head_bytes", "fast")
 
-    def __init__(self, client, head, info: H.RequestInfo, started: float) -> None:
+    def __init__(self, client, head, started: float) -> None:
         self.client = client
-        self.head = head
-        self.info = info
+        self.head = head  # scanned (headers.scan_request)
         self.target = head.target
         self.started = started
         self.task: asyncio.Task | None = None
@@ -48,7 +47,7 @@ class Exchange:
         self.body_chunks: list[bytes] = []   # framed, as the upstream will see them
         self.body_size = 0
         self.body_received = 0
-        self.body_complete = info.framing == H.NO_BODY and not head.upgrade
+        self.body_complete = head.framing == H.NO_BODY and not head.upgrade
         self.replayable = True
         # response
         self.committed = False
@@ -66,12 +65,12 @@ class Exchange:
     # -- request body, from the client ------------------------------------------------
     def on_client_body(self, data: bytes) -> None:
         self.body_received += len(data)
-        if self.info.framing == H.CHUNKED:
+        if self.head.framing == H.CHUNKED:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         self._body_out(data)
 
     def on_client_end(self, trailers) -> None:
-        if self.info.framing == H.CHUNKED:
+        if self.head.framing == H.CHUNKED:
             self._body_out(H.trailer_block(trailers))
         self.body_complete = True
         conn = self.conn
@@ -132,7 +131,7 @@ class Exchange:
             if status == 101 and self.head.upgrade:
                 plan = H.plan_response(head, request_method=self.head.method,
                                        client_version=self.head.version, client_keep_alive=False,
-                                       request_id=self.info.request_id_bytes, via=proxy.via,
+                                       request_id=self.head.request_id_bytes, via=proxy.via,
                                        proxy_status=None)
                 self.committed = True
                 self.status = 101
@@ -148,7 +147,7 @@ class Exchange:
             proxy_status = proxy.received_status_member(conn.server.address, status)
         plan = H.plan_response(head, request_method=self.head.method, client_version=self.head.version,
                                client_keep_alive=self.keep_alive and not client.closing,
-                               request_id=self.info.request_id_bytes, via=proxy.via,
+                               request_id=self.head.request_id_bytes, via=proxy.via,
                                proxy_status=proxy_status)
         if plan.problem is not None:
             raise UnsupportedTransferCoding(plan.problem, upstream=conn.server.address)

@@ -53,7 +53,7 @@ def _may_retry(exc: ProxyError, ex, retry_non_idempotent: bool) -> bool:
     if INFO[classify(exc)].retry_safe:  # nothing reached the upstream
         return True
     if isinstance(exc, AwaitingHead):
-        return ex.info.idempotent or retry_non_idempotent
+        return ex.head.idempotent or retry_non_idempotent
     return False
 
 
@@ -82,7 +82,7 @@ class Attempt:
         or reset of a reused connection before any byte (never a timeout)."""
         conn = self.conn
         if (self.race_retry and conn.reused and not conn.bytes_seen and ex.replayable
-                and (ex.info.idempotent or self.pool.retry_non_idempotent)):
+                and (ex.head.idempotent or self.pool.retry_non_idempotent)):
             self.race_retry = False
             self.proxy.recorder.keepalive_race_retries += 1
             return True
@@ -217,7 +217,7 @@ async def forward(proxy, ex, begun: Attempt | None = None) -> None:
             ex.client.send_error(ex, exc)
     except Exception as exc:  # a bug in gatewise: answer 500 proxy_internal_error
         ex.detach()
-        log_event("internal_error", request_id=ex.info.request_id, error=repr(exc),
+        log_event("internal_error", request_id=ex.head.request_id, error=repr(exc),
                   traceback=traceback.format_exc())
         if ex.committed:
             ex.client.abort()
@@ -230,14 +230,14 @@ async def forward(proxy, ex, begun: Attempt | None = None) -> None:
 def _route(proxy, ex):
     """The exchange's pool (ex.pool), its upstream target and head (ex.target,
     ex.head_bytes); raises the ProxyError to answer instead."""
-    info = ex.info
-    if info.looped:
+    head = ex.head
+    if head.looped:
         raise LoopDetected(f"Via already names {proxy.cfg.diagnostics.proxy_name}")
     try:
-        authority, path = split_target(ex.head.target)
+        authority, path = split_target(head.target)
     except ValueError as exc:
         raise BadRequest(f"unsupported request target: {exc}") from None
-    host = authority if authority is not None else info.host
+    host = authority if authority is not None else head.host
     route = proxy.router.match(host, path)
     if route is None:
         raise NoRoute(f"no route for host {(host or b'').decode('latin-1')!r} "
@@ -251,7 +251,7 @@ def _route(proxy, ex):
         raise ConnectionLimitReached(f"{pool.in_flight} requests in flight to pool {pool.name!r} "
                                      f"(pools.{pool.name}.max_connections = {limit})")
     ex.target = rewrite_target(route, path)
-    ex.head_bytes = H.build_request_head(ex.head, info, target=ex.target, client_ip=ex.client.client_ip,
+    ex.head_bytes = H.build_request_head(head, target=ex.target, client_ip=ex.client.client_ip,
                                          proto=b"http", via=proxy.via)
     return pool
 

@@ -58,33 +58,6 @@ def _names_any(headers: Headers, names: set[bytes]) -> bool:
     return any(name.lower() in names for name, _ in headers)
 
 
-class RequestInfo:
-    """What the forwarding logic needs to know about a request, from one header scan, and
-    the fields to forward as they are (so building the upstream head scans nothing)."""
-
-    __slots__ = ("host", "framing", "content_length", "idempotent", "looped", "accept",
-                 "te_trailers", "problem", "fields", "xff", "via_seen", "request_id_bytes")
-
-    def __init__(self) -> None:
-        self.host: bytes | None = None
-        self.request_id_bytes = b""  # as sent in X-Request-Id, both ways
-        self.framing = NO_BODY
-        self.content_length = 0
-        self.idempotent = False
-        self.looped = False
-        self.accept: bytes | None = None
-        self.te_trailers = False
-        self.problem: str | None = None  # why the request must be refused with 400
-        self.fields: list[bytes] = []    # name, ": ", value, CRLF of each field forwarded unchanged
-        self.xff: bytes | None = None       # the client's X-Forwarded-For values, joined
-        self.via_seen: bytes | None = None  # the client's Via values, joined
-
-    @property
-    def request_id(self) -> str:
-        """The id as text, for logs and the recorder (heads use request_id_bytes)."""
-        return self.request_id_bytes.decode()
-
-
 # RFC 9110 §9.2.2: idempotent methods may be retried after a partial failure.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -119,39 +92,40 @@ def _learn(kinds: dict[bytes, int], known: dict[bytes, int], name: bytes, defaul
     return kind
 
 
-def scan_request(head: RequestHead, proxy_name: bytes) -> RequestInfo:
-    info = RequestInfo()
-    info.idempotent = head.method in IDEMPOTENT
-    hosts, named = _scan_fields(head, info, proxy_name, _NOTHING)
+def scan_request(head: RequestHead, proxy_name: bytes) -> RequestHead:
+    """What forwarding needs to know about a request, from one scan of its fields, filled
+    into head's own slots (see RequestHead), including the fields to forward as they are
+    (so building the upstream head scans nothing). Returns head."""
+    named = _scan_fields(head, proxy_name, _NOTHING)
     if named and _names_any(head.headers, named):
         # Connection names fields that are hop-by-hop too (RFC 9110 §7.6.1), and they may
         # come before it: scan again, leaving them out of what is forwarded.
-        info.fields, info.xff, info.via_seen = [], None, None
-        _scan_fields(head, info, proxy_name, named)
-    if info.framing == LENGTH and info.content_length == 0:
-        info.framing = NO_BODY
-    # RFC 9112 §3.2: exactly one Host in HTTP/1.1, at most one in 1.0, else 400.
-    if hosts > 1:
-        info.problem = "more than one Host header"
-    elif hosts == 0 and head.version == b"1.1":
-        info.problem = "HTTP/1.1 request without a Host header"
-    if head.version not in (b"1.1", b"1.0"):
+        _scan_fields(head, proxy_name, named)
+    version = head.version
+    problem = head.problem
+    if version != b"1.1" and version != b"1.0":
         # RFC 9110 §6.2: gatewise speaks HTTP/1.x only; HTTP/0.9 has no head to forward.
-        info.problem = "unsupported HTTP version " + head.version.decode("latin-1")
+        problem = "unsupported HTTP version " + version.decode("latin-1")
     if head.method == b"CONNECT":
-        info.problem = "CONNECT is not supported: gatewise is a reverse proxy"
-    if not info.request_id_bytes:
-        info.request_id_bytes = new_request_id_bytes()
-    return info
+        problem = "CONNECT is not supported: gatewise is a reverse proxy"
+    head.problem = problem
+    head.idempotent = head.method in IDEMPOTENT
+    if head.request_id_bytes is None:
+        head.request_id_bytes = new_request_id_bytes()
+    return head
 
 
-def _scan_fields(head: RequestHead, info: RequestInfo, proxy_name: bytes,
-                 drop: frozenset[bytes]) -> tuple[int, set[bytes]]:
-    """One pass over the request's fields: fills `info` and `info.fields`, leaving out the
-    fields named in `drop`. Returns (Host fields seen, names that Connection lists beyond
-    the standard hop-by-hop ones)."""
-    fields = info.fields
+def _scan_fields(head: RequestHead, proxy_name: bytes, drop: frozenset[bytes]) -> set[bytes]:
+    """One pass over the request's fields, leaving out those named in `drop`: sets head's
+    scan slots (but idempotent), and returns the names that Connection lists beyond the
+    standard hop-by-hop ones. Locals in the loop, one store each at the end: this runs
+    for every request."""
+    fields: list[bytes] = []  # name, ": ", value, CRLF of each field forwarded unchanged
     hosts = 0
+    host = accept = xff = via_seen = request_id = problem = None
+    framing = NO_BODY
+    content_length = 0
+    looped = te_trailers = False
     named: set[bytes] | None = None  # built only when there is a Connection field
     kinds = _request_kinds
     for name, value in head.headers:
@@ -161,37 +135,37 @@ def _scan_fields(head: RequestHead, info: RequestInfo, proxy_name: bytes,
         if kind == _KEEP:
             pass
         elif kind == _HOST:
-            info.host = value
+            host = value
             hosts += 1
         elif kind == _ACCEPT:
-            info.accept = value
+            accept = value
         elif kind == _LENGTH:
-            if info.framing != CHUNKED:  # the codecs reject CL with TE; never trust order
-                info.framing = LENGTH
-                info.content_length = int(value)
+            if framing != CHUNKED:  # the codecs reject CL with TE; never trust order
+                framing = LENGTH
+                content_length = int(value)
             continue  # gatewise frames the body itself
         elif kind == _CODING:
-            info.framing = CHUNKED  # the codec has rejected anything but "..., chunked"
+            framing = CHUNKED  # the codec has rejected anything but "..., chunked"
             if value.strip().lower() != b"chunked":
                 # RFC 9112 §6.1: a coding we do not implement (gzip, chunked) cannot be
                 # re-framed without changing the body; refuse rather than forward it wrong.
-                info.problem = "unsupported transfer coding: " + value.decode("latin-1")
+                problem = "unsupported transfer coding: " + value.decode("latin-1")
             continue
         elif kind == _REQUEST_ID:
             if _SANE_ID.fullmatch(value):
-                info.request_id_bytes = value
-            continue  # set below, once
+                request_id = value
+            continue  # set by build_request_head, once
         elif kind == _VIA:
-            info.looped = info.looped or _via_names(value, proxy_name)
+            looped = looped or _via_names(value, proxy_name)
             if not drop or name.lower() not in drop:
-                info.via_seen = value if info.via_seen is None else info.via_seen + b", " + value
+                via_seen = value if via_seen is None else via_seen + b", " + value
             continue
         elif kind == _XFF:
             if not drop or name.lower() not in drop:
-                info.xff = value if info.xff is None else info.xff + b", " + value
+                xff = value if xff is None else xff + b", " + value
             continue
         elif kind == _TE:
-            info.te_trailers = b"trailers" in value.lower()
+            te_trailers = b"trailers" in value.lower()
             continue
         elif kind == _CONNECTION:
             if named is None:
@@ -207,7 +181,25 @@ def _scan_fields(head: RequestHead, info: RequestInfo, proxy_name: bytes,
         if drop and name.lower() in drop:
             continue
         fields += (name, b": ", value, b"\r\n")
-    return hosts, _NOTHING if named is None else named - HOP_BY_HOP
+    if framing == LENGTH and content_length == 0:
+        framing = NO_BODY
+    # RFC 9112 §3.2: exactly one Host in HTTP/1.1, at most one in 1.0, else 400.
+    if hosts > 1:
+        problem = "more than one Host header"
+    elif hosts == 0 and head.version == b"1.1":
+        problem = "HTTP/1.1 request without a Host header"
+    head.fields = fields
+    head.host = host
+    head.accept = accept
+    head.xff = xff
+    head.via_seen = via_seen
+    head.request_id_bytes = request_id  # a sane one from the client, else None for now
+    head.problem = problem
+    head.framing = framing
+    head.content_length = content_length
+    head.looped = looped
+    head.te_trailers = te_trailers
+    return _NOTHING if named is None else named - HOP_BY_HOP
 
 
 def _via_names(value: bytes, proxy_name: bytes) -> bool:
@@ -219,27 +211,28 @@ def _via_names(value: bytes, proxy_name: bytes) -> bool:
     return False
 
 
-def build_request_head(head: RequestHead, info: RequestInfo, *, target: bytes, client_ip: bytes,
-                       proto: bytes, via: bytes) -> bytes:
-    """The head gatewise sends upstream. `via` is b"1.1 gatewise"."""
+def build_request_head(head: RequestHead, *, target: bytes, client_ip: bytes, proto: bytes,
+                       via: bytes) -> bytes:
+    """The head gatewise sends upstream, from a scanned head (scan_request). `via` is
+    b"1.1 gatewise"."""
     out = [head.method, b" ", target, b" HTTP/1.1\r\n"]
-    out += info.fields
-    if info.framing == LENGTH:
-        out += (b"Content-Length: ", str(info.content_length).encode(), b"\r\n")
-    elif info.framing == CHUNKED:
+    out += head.fields
+    if head.framing == LENGTH:
+        out += (b"Content-Length: ", str(head.content_length).encode(), b"\r\n")
+    elif head.framing == CHUNKED:
         out.append(b"Transfer-Encoding: chunked\r\n")
     if head.upgrade:
         out.append(b"Connection: upgrade\r\n")
-    elif info.te_trailers:
+    elif head.te_trailers:
         out.append(b"TE: trailers\r\nConnection: TE\r\n")
-    xff = info.xff
+    xff = head.xff
     out += (b"X-Forwarded-For: ", client_ip if xff is None else xff + b", " + client_ip, b"\r\n",
             b"X-Forwarded-Proto: ", proto, b"\r\n")
-    if info.host is not None:
-        out += (b"X-Forwarded-Host: ", info.host, b"\r\n")
-    via_seen = info.via_seen
+    if head.host is not None:
+        out += (b"X-Forwarded-Host: ", head.host, b"\r\n")
+    via_seen = head.via_seen
     out += (b"Via: ", via if via_seen is None else via_seen + b", " + via, b"\r\n",
-            b"X-Request-Id: ", info.request_id_bytes, b"\r\n\r\n")
+            b"X-Request-Id: ", head.request_id_bytes, b"\r\n\r\n")
     return b"".join(out)
 
 

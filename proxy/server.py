@@ -157,7 +157,7 @@ class Proxy:
         """The whole HTTP/1.1 response gatewise sends instead of the upstream's."""
         cause = classify(exc)
         info = INFO[cause]
-        request_id = ex.info.request_id if ex is not None else new_request_id()  # a request with no parsed head
+        request_id = ex.head.request_id if ex is not None else new_request_id()  # a request with no parsed head
         next_hop = exc.upstream
         details = exc.detail or info.summary
         attempts = ex.attempts if ex is not None else []
@@ -166,7 +166,7 @@ class Proxy:
         member = proxy_status.render_cause(self.proxy_name, cause, next_hop=next_hop, details=details,
                                            minimal=self.minimal, extra=exc.params)
         entry = self.record(ex, exc, status=info.status, details=details, request_id=request_id)
-        accept = ex.info.accept if ex is not None else None
+        accept = ex.head.accept if ex is not None else None
         # The hint is for people: in the body and /debug, never in Proxy-Status.
         ctype, body = error_body.render_body(
             error_body.choose_format(accept), status=info.status, error=info.token,
@@ -194,7 +194,7 @@ class Proxy:
         cause = classify(exc)
         info = INFO[cause]
         if request_id is None:
-            request_id = ex.info.request_id if ex is not None else "-"
+            request_id = ex.head.request_id if ex is not None else "-"
         method = ex.head.method.decode("latin-1") if ex is not None else "-"
         path = ex.head.target[:512].decode("latin-1") if ex is not None else "-"
         details = details or exc.detail or info.summary

@@ -14,11 +14,10 @@ fine for counting and nothing else. Never on a PYTHONPATH outside profile.py.
     reqheaders   scan_request and build_request_head (first result reused)
     respheaders  plan_response (first result reused)
     defer        upstream writes and client flushes at once instead of per loop iteration
-    codecsize    the llhttp adapters' per-field head-size accounting
 """
 import os
 
-NAMES = ("stats", "timers", "gates", "routing", "reqheaders", "respheaders", "defer", "codecsize")
+NAMES = ("stats", "timers", "gates", "routing", "reqheaders", "respheaders", "defer")
 ABLATE = set(filter(None, os.environ.get("ABLATE", "").split(",")))
 if ABLATE - set(NAMES):
     raise SystemExit(f"ABLATE: {', '.join(sorted(ABLATE - set(NAMES)))} not in {', '.join(NAMES)}")
@@ -30,7 +29,6 @@ if ABLATE:
     import proxy.headers as H
     import proxy.upstream_conn as UC
     import proxy.downstream as D
-    import proxy.codec.llhttp as L
     import diagnostics.metrics as M
 
     if "stats" in ABLATE:
@@ -57,15 +55,22 @@ if ABLATE:
             return r
         R.Router.match = match
     if "reqheaders" in ABLATE:
+        # the scan fills the head's own slots: the stub copies the first request's (a few
+        # stores, not free, so this slightly understates what the scan costs)
+        from proxy.codec.base import RequestHead
         _scan, _build = H.scan_request, H.build_request_head
+        _slots = RequestHead.__slots__[6:]
         _c = {}
         def scan(head, name):
             if "i" not in _c:
-                _c["i"] = _scan(head, name)
-            return _c["i"]
-        def build(head, info, **kw):
+                _c["i"] = [getattr(_scan(head, name), s) for s in _slots]
+            else:
+                for slot, value in zip(_slots, _c["i"]):
+                    setattr(head, slot, value)
+            return head
+        def build(head, **kw):
             if "b" not in _c:
-                _c["b"] = _build(head, info, **kw)
+                _c["b"] = _build(head, **kw)
             return _c["b"]
         H.scan_request = scan
         H.build_request_head = build
@@ -81,8 +86,3 @@ if ABLATE:
         _begin = UC.UpstreamConnection.begin
         UC.UpstreamConnection.begin = lambda self, ex, m, d, c, u=False, later=False: _begin(self, ex, m, d, c, u, False)
         D.DownstreamProtocol.flush_soon = D.DownstreamProtocol.flush
-    if "codecsize" in ABLATE:
-        def on_header(self, name, value):
-            self._headers.append((name, value))
-        L.LlhttpRequestParser.on_header = on_header
-        L.LlhttpResponseParser.on_header = on_header

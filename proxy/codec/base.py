@@ -6,9 +6,15 @@ Headers = list[tuple[bytes, bytes]]
 
 
 class RequestHead:
-    """A parsed request head. Header names keep the client's case; values are raw bytes."""
+    """A parsed request head. Header names keep the client's case; values are raw bytes.
 
-    __slots__ = ("method", "target", "version", "headers", "keep_alive", "upgrade")
+    The codec fills the first six slots; headers.scan_request fills the rest from one
+    pass over the fields (one object per request, not a head and a scan result)."""
+
+    __slots__ = ("method", "target", "version", "headers", "keep_alive", "upgrade",
+                 # set by headers.scan_request
+                 "host", "framing", "content_length", "idempotent", "looped", "accept", "te_trailers",
+                 "problem", "fields", "xff", "via_seen", "request_id_bytes")
 
     def __init__(self, method: bytes, target: bytes, version: bytes, headers: Headers,
                  keep_alive: bool, upgrade: bool) -> None:
@@ -18,6 +24,11 @@ class RequestHead:
         self.headers = headers
         self.keep_alive = keep_alive
         self.upgrade = upgrade      # Connection: upgrade + Upgrade present (RFC 9110 §7.8)
+
+    @property
+    def request_id(self) -> str:
+        """The id as text, for logs and the recorder (heads use request_id_bytes)."""
+        return self.request_id_bytes.decode()
 
 
 class ResponseHead:

@@ -4,7 +4,7 @@ llhttp 9 is strict by default: it rejects Content-Length with Transfer-Encoding,
 duplicate Content-Length, bad chunk sizes, obs-fold and bare CR/LF on its own, so this
 adapter adds only what llhttp cannot know: head size limits and HEAD framing.
 
-Two httptools gaps handled here, and one cost avoided:
+Two httptools gaps handled here, and two costs avoided:
 - httptools buffers a header value internally until it is complete, so a single
   endless header would grow memory; raw bytes seen while in a head are bounded too.
 - httptools ignores on_headers_complete's return value, so it cannot be told that the
@@ -18,6 +18,11 @@ Two httptools gaps handled here, and one cost avoided:
   other message asks httptools. The bytes compared end where the accepted start line
   ends (CRLF; "HTTP/1.x SP" for a status line), so a wrong guess at an offset can only
   fail to match and fall back, never read a wrong version.
+- The head size limit (the target plus each field with ": " and CRLF) is not counted
+  field by field: the raw bytes fed since the head began are never fewer, so the fields
+  are summed only once those pass the limit, at the end of a read and before the head
+  is handed on. A usual head, a few hundred bytes in one read, is never summed.
+  Trailers are held to the same limit, on their own.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ def _unwrap(exc: httptools.HttpParserCallbackError) -> BaseException:
 
 
 class LlhttpRequestParser:
-    __slots__ = ("_p", "_h", "_max", "_url", "_headers", "_size", "_raw", "_in_head", "_chunk", "_start")
+    __slots__ = ("_p", "_h", "_max", "_url", "_headers", "_raw", "_in_head", "_chunk", "_start")
 
     def __init__(self, handler, max_head_bytes: int) -> None:
         self._p = httptools.HttpRequestParser(self)
@@ -62,8 +67,7 @@ class LlhttpRequestParser:
         self._max = max_head_bytes
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._size = 0
-        self._raw = 0
+        self._raw = 0  # bytes of the chunks fed since the head began: never less than its size
         self._in_head = False
         self._chunk: bytes | None = None  # being fed, until a message ends in it
         self._start: bytes | None = None  # that chunk, when the current message began it
@@ -90,34 +94,43 @@ class LlhttpRequestParser:
         finally:
             # a head that continues in the next read asks httptools: no read is kept
             self._chunk = self._start = None
-        if self._in_head and self._raw > self._max + _RAW_SLACK:
-            raise RequestHeadersTooLarge(f"request head over {self._max} bytes")
+        if self._in_head:
+            if self._raw > self._max and (self._raw > self._max + _RAW_SLACK or self._size() > self._max):
+                raise RequestHeadersTooLarge(f"request head over {self._max} bytes")
+        elif self._headers and self._size() > self._max:  # trailers, being received
+            raise RequestHeadersTooLarge(f"request trailers over {self._max} bytes")
         return None
+
+    def _size(self) -> int:
+        """The head's size so far, as the limit counts it: the target, and each field with
+        ": " and CRLF. Asked only when the raw bytes could be over the limit."""
+        return len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._headers)
 
     # -- httptools callbacks -----------------------------------------------------------
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
-        self._size = 0
-        self._raw = 0
+        chunk = self._chunk
+        self._raw = len(chunk) if chunk is not None else 0
         self._in_head = True
-        self._start = self._chunk
+        self._start = chunk
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
-        self._size += len(url)
-        if self._size > self._max:
+        url = self._url + url
+        self._url = url
+        if len(url) > self._max:
             raise RequestHeadersTooLarge(f"request target over {self._max} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._size += len(name) + len(value) + 4
-        if self._size > self._max:
-            raise RequestHeadersTooLarge(f"request head over {self._max} bytes")
+        # No size count per field: the head is measured when its raw bytes could be over
+        # the limit (feed, on_headers_complete), which is never for the usual small head.
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         p = self._p
         self._in_head = False
+        if self._raw > self._max and self._size() > self._max:
+            raise RequestHeadersTooLarge(f"request head over {self._max} bytes")
         method = p.get_method()
         version = None
         start, self._start = self._start, None
@@ -142,7 +155,7 @@ class LlhttpRequestParser:
 
 
 class LlhttpResponseParser:
-    __slots__ = ("_p", "_h", "_max", "_reason", "_headers", "_size", "_raw", "_in_head",
+    __slots__ = ("_p", "_h", "_max", "_reason", "_headers", "_raw", "_in_head",
                  "_head_only", "_interim", "_in_body", "_final_headers", "_outstanding", "reusable", "_chunk",
                  "_start")
 
@@ -152,8 +165,7 @@ class LlhttpResponseParser:
         self._max = max_head_bytes
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._size = 0
-        self._raw = 0
+        self._raw = 0  # bytes fed since the request was sent: never less than the head's size
         self._in_head = False
         self._head_only = False
         self._interim = False
@@ -199,10 +211,18 @@ class LlhttpResponseParser:
             raise UpstreamProtocolError(f"invalid response: {exc}") from None
         finally:
             self._chunk = self._start = None  # as in LlhttpRequestParser.feed
-        if self._in_head and self._raw > self._max + _RAW_SLACK:
+        if self._in_head:
+            if self._raw > self._max and (self._raw > self._max + _RAW_SLACK or self._size() > self._max):
+                self.reusable = False
+                raise ResponseHeadersTooLarge(f"response head over {self._max} bytes")
+        elif self._headers and self._size() > self._max:  # trailers, being received
             self.reusable = False
-            raise ResponseHeadersTooLarge(f"response head over {self._max} bytes")
+            raise ResponseHeadersTooLarge(f"response trailers over {self._max} bytes")
         return None
+
+    def _size(self) -> int:
+        """As LlhttpRequestParser._size: each field with ": " and CRLF."""
+        return sum(len(n) + len(v) + 4 for n, v in self._headers)
 
     def feed_eof(self) -> bool:
         """The upstream closed. True when that ends a close-delimited body (RFC 9112 §6.3
@@ -222,7 +242,6 @@ class LlhttpResponseParser:
             raise UpstreamProtocolError("response bytes with no request outstanding")
         self._reason = b""
         self._headers = []
-        self._size = 0
         self._in_head = True
         self._start = self._chunk
 
@@ -230,14 +249,13 @@ class LlhttpResponseParser:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._size += len(name) + len(value) + 4
-        if self._size > self._max:
-            self.reusable = False
-            raise ResponseHeadersTooLarge(f"response head over {self._max} bytes")
-        self._headers.append((name, value))
+        self._headers.append((name, value))  # measured as in LlhttpRequestParser
 
     def on_headers_complete(self) -> None:
         p = self._p
+        if self._raw > self._max and self._size() > self._max:
+            self.reusable = False
+            raise ResponseHeadersTooLarge(f"response head over {self._max} bytes")
         status = p.get_status_code()
         self._in_head = False
         headers, self._headers = self._headers, []

@@ -308,6 +308,36 @@ def test_endless_header_is_bounded(kind):
     assert fed < 1024 * 1024
 
 
+@pytest.mark.parametrize("kind", CODECS)
+def test_endless_trailers_are_bounded(kind):
+    """Trailer fields that keep coming are held to the head limit as well: 431 long
+    before 1 MiB with a 4 KiB limit (llhttp's head is measured only when its raw bytes
+    pass the limit, so the trailers need a bound of their own)."""
+    parser = make_request_parser(kind, RequestRecorder(), 4096)
+    parser.feed(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n")
+    fed = 0
+    with pytest.raises(RequestHeadersTooLarge):
+        while fed < 1024 * 1024:
+            parser.feed(b"X-T-%06d: %s\r\n" % (fed, b"t" * 200))
+            fed += 212
+    assert fed < 1024 * 1024
+
+
+@pytest.mark.parametrize("size,expect", [(4000, "accept"), (5000, "reject")], ids=["under", "over"])
+def test_head_limit_holds_when_the_head_comes_in_pieces(size, expect):
+    """The limit does not depend on how the head is cut into reads: 100-byte pieces."""
+    data = _req(b"GET / HTTP/1.1", b"X-Pad: " + b"p" * (size - 40), H)
+    for kind in CODECS:
+        parser = make_request_parser(kind, RequestRecorder(), 4096)
+        if expect == "reject":
+            with pytest.raises(RequestHeadersTooLarge):
+                for i in range(0, len(data), 100):
+                    parser.feed(data[i:i + 100])
+        else:
+            for i in range(0, len(data), 100):
+                parser.feed(data[i:i + 100])
+
+
 # -- response side ---------------------------------------------------------------------------------
 class ResponseRecorder:
     def __init__(self) -> None:

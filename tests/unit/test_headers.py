@@ -22,7 +22,7 @@ def lines(head: bytes) -> list[bytes]:
 def build(headers, **kw):
     head = req(headers, **{k: v for k, v in kw.items() if k in ("method", "target", "version", "upgrade")})
     info = H.scan_request(head, b"gatewise")
-    out = H.build_request_head(head, info, target=head.target, client_ip=b"10.0.0.7", proto=b"http",
+    out = H.build_request_head(head, target=head.target, client_ip=b"10.0.0.7", proto=b"http",
                                via=b"1.1 gatewise")
     return info, lines(out)
 
