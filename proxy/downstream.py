@@ -334,13 +334,11 @@ class DownstreamProtocol(asyncio.Protocol):
             buf.clear()  # the transport keeps the bytes, not the list
 
     def flush_soon(self) -> None:
-        """Flush once the callbacks of this loop iteration have run: the responses that
-        end in one iteration then leave together, and the clients wake once for them
-        (measured with 50 keep-alive clients: less system time per request and more
-        requests per second than a write per response as it ends)."""
+        """Flush once the callbacks of this loop iteration have run (flow.Outbox): the
+        responses that end in one iteration then leave together."""
         if self._wbuf and not self._flush_pending:
             self._flush_pending = True
-            self.loop.call_soon(self.flush)
+            self.proxy.outbox.flush(self)
 
     def close(self) -> None:
         self.flush()

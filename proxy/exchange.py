@@ -136,11 +136,11 @@ class Exchange:
                 self.committed = True
                 self.status = 101
                 self.head_at = perf_counter()  # the server's latency sample: start to the 101
-                client.out(plan.head)
+                client.out(plan.rewritten)
             elif self.head.version == b"1.1":  # RFC 9110 §15.2: forward 1xx to 1.1 clients
                 client.out(H.plan_response(head, request_method=self.head.method,
                                            client_version=b"1.1", client_keep_alive=True,
-                                           request_id=b"", via=proxy.via, proxy_status=None).head)
+                                           request_id=b"", via=proxy.via, proxy_status=None).rewritten)
             return
         proxy_status = None
         if status >= 500:
@@ -158,7 +158,7 @@ class Exchange:
         self.keep_alive = plan.keep_alive
         conn.keepalive_timeout = plan.keepalive_timeout
         conn.upstream_keep_alive = plan.upstream_keep_alive
-        client.out(plan.head)
+        client.out(plan.rewritten)
 
     def on_upstream_body(self, data: bytes) -> None:
         if self.framing == H.CHUNKED:

@@ -1,5 +1,6 @@
 """Flow-control primitives shared by both sides of the proxy.
 
+- Outbox: writes held to the end of a loop iteration's callbacks and done together.
 - Deadline: one timer per connection, rescheduled lazily against an absolute deadline
   (aiohttp's keep-alive handling): moving a deadline later is an attribute write, not a
   timer cancel/create, so refreshing it on every body chunk costs almost nothing.
@@ -78,6 +79,53 @@ class Deadline:
             return
         self._when = None
         self._callback()
+
+
+class Outbox:
+    """Writes held until the callbacks of this loop iteration have all run, then done
+    together: requests read in one iteration reach their upstreams together, and the
+    responses that end in one iteration leave together, so each peer wakes once for them
+    (measured with 50 keep-alive clients: less system time per request and more requests
+    per second than a write as each is ready). One loop callback runs them all: holding
+    a write costs a list append, not a loop handle of its own."""
+
+    __slots__ = ("_loop", "_writes", "_flushes")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._writes: list = []   # (upstream connection, bytes)
+        self._flushes: list = []  # client connections with output queued
+
+    def write(self, conn, data: bytes) -> None:
+        """conn.transport.write(data) then, unless conn has closed meanwhile (it was
+        cancelled, or lost and its exchange told)."""
+        if not self._writes and not self._flushes:
+            self._loop.call_soon(self._run)
+        self._writes.append((conn, data))
+
+    def flush(self, client) -> None:
+        """client.flush() then (the caller holds a flag so a client is added once)."""
+        if not self._writes and not self._flushes:
+            self._loop.call_soon(self._run)
+        self._flushes.append(client)
+
+    def _run(self) -> None:
+        writes, self._writes = self._writes, []
+        flushes, self._flushes = self._flushes, []
+        for conn, data in writes:
+            if conn.alive:
+                try:
+                    conn.transport.write(data)
+                except Exception as exc:  # one failed write never holds back the others
+                    self._report(exc)
+        for client in flushes:
+            try:
+                client.flush()
+            except Exception as exc:
+                self._report(exc)
+
+    def _report(self, exc: Exception) -> None:
+        self._loop.call_exception_handler({"message": "Outbox write failed", "exception": exc})
 
 
 # Reasons to stop reading from a transport.

@@ -233,11 +233,15 @@ def _route(proxy, ex):
     head = ex.head
     if head.looped:
         raise LoopDetected(f"Via already names {proxy.cfg.diagnostics.proxy_name}")
-    try:
-        authority, path = split_target(head.target)
-    except ValueError as exc:
-        raise BadRequest(f"unsupported request target: {exc}") from None
-    host = authority if authority is not None else head.host
+    path = head.target
+    host = head.host
+    if path[:1] != b"/":  # not origin-form (split_target's first case, without the call)
+        try:
+            authority, path = split_target(path)
+        except ValueError as exc:
+            raise BadRequest(f"unsupported request target: {exc}") from None
+        if authority is not None:
+            host = authority
     route = proxy.router.match(host, path)
     if route is None:
         raise NoRoute(f"no route for host {(host or b'').decode('latin-1')!r} "
@@ -250,7 +254,7 @@ def _route(proxy, ex):
     if limit and pool.in_flight >= limit:
         raise ConnectionLimitReached(f"{pool.in_flight} requests in flight to pool {pool.name!r} "
                                      f"(pools.{pool.name}.max_connections = {limit})")
-    ex.target = rewrite_target(route, path)
+    ex.target = rewrite_target(route, path) if route.strip_prefix else path
     ex.head_bytes = H.build_request_head(head, target=ex.target, client_ip=ex.client.client_ip,
                                          proto=b"http", via=proxy.via)
     return pool

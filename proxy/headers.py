@@ -236,20 +236,6 @@ def build_request_head(head: RequestHead, *, target: bytes, client_ip: bytes, pr
     return b"".join(out)
 
 
-class ResponsePlan:
-    """How the response goes back to the client, decided from one scan of its head."""
-
-    __slots__ = ("head", "framing", "keep_alive", "upstream_keep_alive", "keepalive_timeout", "problem")
-
-    def __init__(self) -> None:
-        self.head = b""
-        self.framing = NO_BODY
-        self.keep_alive = True            # the client connection stays open afterwards
-        self.upstream_keep_alive = True   # the upstream said it may be reused
-        self.keepalive_timeout: float | None = None  # from the upstream's Keep-Alive: timeout=
-        self.problem: str | None = None  # why this response cannot be forwarded
-
-
 _STATUS_LINES: dict[int, tuple[bytes, bytes]] = {}  # status -> (standard reason, line); 3 digits: bounded
 
 
@@ -281,74 +267,76 @@ _ONE_TOKEN = {b"keep-alive": frozenset({b"keep-alive"}), b"close": frozenset({b"
 
 def plan_response(head: ResponseHead, *, request_method: bytes, client_version: bytes,
                   client_keep_alive: bool, request_id: bytes, via: bytes,
-                  proxy_status: bytes | None) -> ResponsePlan:
-    """Rewrite an upstream response head for the client.
+                  proxy_status: bytes | None) -> ResponseHead:
+    """Rewrite an upstream response head for the client, from one scan of its fields:
+    fills head's own slots (see ResponseHead: `rewritten`, framing...) and returns head.
 
     `proxy_status` is our Proxy-Status member for a forwarded 5xx (None otherwise).
     Interim (1xx) heads are passed with hop-by-hop fields removed and no framing."""
-    plan = ResponsePlan()
     status = head.status
     interim = status < 200
-    out = [status_line(status, head.reason)]
-    tokens, length, chunked, via_seen, date_seen = _response_fields(head, plan, out, _NOTHING)
+    known = _STATUS_LINES.get(status)
+    reason = head.reason
+    line = known[1] if known is not None and (not reason or reason == known[0]) else status_line(status, reason)
+    out = [line]
+    tokens, length, chunked, via_seen, date_seen = _response_fields(head, out, _NOTHING)
     if tokens and not tokens <= HOP_BY_HOP and _names_any(head.headers, tokens - HOP_BY_HOP):
         # Connection names fields that are hop-by-hop too (RFC 9110 §7.6.1), and they may
         # come before it: again, leaving them out.
-        plan, out = ResponsePlan(), [out[0]]
-        tokens, length, chunked, via_seen, date_seen = _response_fields(head, plan, out, frozenset(tokens))
-    if b"close" in tokens or (head.version == b"1.0" and b"keep-alive" not in tokens):
-        plan.upstream_keep_alive = False
+        out = [line]
+        tokens, length, chunked, via_seen, date_seen = _response_fields(head, out, frozenset(tokens))
+    upstream_keep_alive = not (b"close" in tokens or (head.version == b"1.0" and b"keep-alive" not in tokens))
     out += (b"Via: ", via if via_seen is None else via_seen + b", " + via, b"\r\n")
     if not date_seen and not interim:
         # RFC 9110 §6.6.1: a recipient with a clock MUST add Date to a response it forwards
         # without one
         out.append(date_field())
+    keep_alive = client_keep_alive
     if interim:
         if status == 101:
             out.append(b"Connection: upgrade\r\n")
-        out.append(b"\r\n")
-        plan.head = b"".join(out)
-        plan.framing = NO_BODY
-        return plan
-    keep_alive = client_keep_alive
-    if request_method == b"HEAD" or status in _NO_BODY_STATUS:
-        plan.framing = NO_BODY
-        if length is not None:  # describes the representation, not this message (§8.6)
-            out += (b"Content-Length: ", length, b"\r\n")
-    elif chunked:
-        plan.framing = CHUNKED
-    elif length is not None:
-        plan.framing = LENGTH
-        out += (b"Content-Length: ", length, b"\r\n")
+        framing = NO_BODY
     else:
-        plan.framing = UNTIL_CLOSE
-        plan.upstream_keep_alive = False
-    if plan.framing in (CHUNKED, UNTIL_CLOSE):
-        if client_version == b"1.1":
-            plan.framing = CHUNKED
-            out.append(b"Transfer-Encoding: chunked\r\n")
-        else:  # an HTTP/1.0 client cannot read chunked: delimit by closing (RFC 9112 §6.3)
-            plan.framing = UNTIL_CLOSE
-            keep_alive = False
-    if proxy_status is not None:
-        out += (b"Proxy-Status: ", proxy_status, b"\r\n")
-    out += (b"X-Request-Id: ", request_id, b"\r\n")
-    if not keep_alive:
-        out.append(b"Connection: close\r\n")
-    elif client_version == b"1.0":
-        out.append(b"Connection: keep-alive\r\n")
+        if request_method == b"HEAD" or status in _NO_BODY_STATUS:
+            framing = NO_BODY
+            if length is not None:  # describes the representation, not this message (§8.6)
+                out += (b"Content-Length: ", length, b"\r\n")
+        elif chunked:
+            framing = CHUNKED
+        elif length is not None:
+            framing = LENGTH
+            out += (b"Content-Length: ", length, b"\r\n")
+        else:
+            framing = UNTIL_CLOSE
+            upstream_keep_alive = False
+        if framing == CHUNKED or framing == UNTIL_CLOSE:
+            if client_version == b"1.1":
+                framing = CHUNKED
+                out.append(b"Transfer-Encoding: chunked\r\n")
+            else:  # an HTTP/1.0 client cannot read chunked: delimit by closing (RFC 9112 §6.3)
+                framing = UNTIL_CLOSE
+                keep_alive = False
+        if proxy_status is not None:
+            out += (b"Proxy-Status: ", proxy_status, b"\r\n")
+        out += (b"X-Request-Id: ", request_id, b"\r\n")
+        if not keep_alive:
+            out.append(b"Connection: close\r\n")
+        elif client_version == b"1.0":
+            out.append(b"Connection: keep-alive\r\n")
     out.append(b"\r\n")
-    plan.keep_alive = keep_alive
-    plan.head = b"".join(out)
-    return plan
+    head.rewritten = b"".join(out)
+    head.framing = framing
+    head.keep_alive = keep_alive
+    head.upstream_keep_alive = upstream_keep_alive
+    return head
 
 
-def _response_fields(head: ResponseHead, plan: ResponsePlan, out: list[bytes], drop: frozenset[bytes]):
+def _response_fields(head: ResponseHead, out: list[bytes], drop: frozenset[bytes]):
     """One pass over the response's fields: the ones forwarded unchanged go to `out`
-    (minus those named in `drop`), the rest into `plan` or the result:
+    (minus those named in `drop`); sets head.keepalive_timeout and head.problem; returns
     (Connection tokens, Content-Length value, chunked, Via values, Date seen)."""
     tokens: set[bytes] | frozenset[bytes] = _NOTHING  # a new set only for an unusual Connection
-    length = via_seen = None
+    length = via_seen = keepalive_timeout = problem = None
     chunked = date_seen = False
     kinds = _response_kinds
     for name, value in head.headers:
@@ -360,15 +348,19 @@ def _response_fields(head: ResponseHead, plan: ResponsePlan, out: list[bytes], d
         elif kind == _R_LENGTH:
             length = value
             continue
+        elif kind == _R_DATE:
+            if drop and name.lower() in drop:
+                continue
+            date_seen = True
         elif kind == _R_CODING:
             chunked = True
             if value.strip().lower() != b"chunked":
                 # RFC 9112 §6.1: re-framing would drop the other coding and hand the
                 # client a body it cannot decode (RFC 9209 §2.3.24).
-                plan.problem = "unsupported transfer coding: " + value.decode("latin-1")
+                problem = "unsupported transfer coding: " + value.decode("latin-1")
             continue
         elif kind == _R_KEEP_ALIVE:
-            plan.keepalive_timeout = _keepalive_timeout(value)
+            keepalive_timeout = _keepalive_timeout(value)
             continue
         elif kind == _R_CONNECTION:
             if tokens is _NOTHING and value in _ONE_TOKEN:
@@ -381,10 +373,6 @@ def _response_fields(head: ResponseHead, plan: ResponsePlan, out: list[bytes], d
             if not drop or name.lower() not in drop:
                 via_seen = value if via_seen is None else via_seen + b", " + value
             continue
-        elif kind == _R_DATE:
-            if drop and name.lower() in drop:
-                continue
-            date_seen = True
         elif kind == _R_UPGRADE:
             if head.status == 101:
                 out += (name, b": ", value, b"\r\n")
@@ -394,6 +382,8 @@ def _response_fields(head: ResponseHead, plan: ResponsePlan, out: list[bytes], d
         if drop and name.lower() in drop:
             continue
         out += (name, b": ", value, b"\r\n")
+    head.keepalive_timeout = keepalive_timeout
+    head.problem = problem
     return tokens, length, chunked, via_seen, date_seen
 
 

@@ -70,7 +70,7 @@ def _normalize_host(raw: bytes | str | None) -> str | None:
 class Router:
     """Compiled route table. ``match`` is called once per request."""
 
-    __slots__ = ("_table", "_needs_host", "_host_cache")
+    __slots__ = ("_table", "_needs_host", "_host_cache", "_catch_all")
 
     def __init__(self, routes: Sequence[Route]) -> None:
         table = []
@@ -80,9 +80,14 @@ class Router:
         # With only "*" routes (the common single-site setup) the Host is never looked at.
         self._needs_host = any(kind != _ANY for kind, *_ in self._table)
         self._host_cache: dict[bytes | str, str | None] = {}
+        # A first route for any host and every path (the single-site setup) always wins.
+        first = self._table[0] if self._table else None
+        self._catch_all = first[5] if first is not None and first[0] == _ANY and first[2] else None
 
     def match(self, host: bytes | str | None, path: bytes) -> Route | None:
         """The first route, in config order, matching ``host`` and origin-form ``path``."""
+        if self._catch_all is not None:
+            return self._catch_all
         q = path.find(b"?")
         if q >= 0:
             path = path[:q]

@@ -24,6 +24,7 @@ from proxy.codec import resolve_parser
 from proxy.config import ProxyConfig
 from diagnostics.admin import admin_warning, start_admin
 from proxy.downstream import DownstreamProtocol
+from proxy.flow import Outbox
 from proxy.health import HealthChecker
 from proxy.inspect import ProxyView
 from proxy.errors import ConnectRefused, DestinationUnroutable, ProxyError
@@ -90,6 +91,7 @@ class Proxy:
         self.cfg = cfg
         self.loop = loop
         self.resolver = Resolver(loop, lookup)
+        self.outbox = Outbox(loop)  # writes held to the end of a loop iteration (flow.Outbox)
         self.parser_kind = resolve_parser(cfg.listen.parser)
         self.router = Router([Route(r.host, r.path_prefix, r.pool, r.strip_prefix) for r in cfg.routes])
         self.pools = {name: PoolRuntime(p, make_server) for name, p in cfg.pools.items()}
@@ -125,7 +127,7 @@ class Proxy:
         max_head = self.cfg.limits.max_response_header_bytes
 
         def factory() -> UpstreamConnection:
-            return UpstreamConnection(loop, server, self.parser_kind, max_head, timeouts)
+            return UpstreamConnection(loop, server, self.parser_kind, max_head, timeouts, self.outbox)
 
         # Several addresses: a fast refusal on one moves on to the next within the same
         # attempt (the classic "localhost" = ::1 + 127.0.0.1 with a service on one only),

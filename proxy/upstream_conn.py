@@ -29,7 +29,7 @@ from proxy.codec import make_response_parser
 from proxy.errors import (BodyReadTimeout, TlsProtocolError, ConnectionTerminated, ConnectRefused, ConnectTimeout,
                           DestinationUnroutable, LocalConnectError, ProxyError, ResponseIncomplete, ResponseTimeout,
                           UpstreamProtocolError, WriteTimeout)
-from proxy.flow import HIGH_WATER, LOW_WATER, Deadline
+from proxy.flow import HIGH_WATER, LOW_WATER, Deadline, Outbox
 from proxy.logs import log_event
 from proxy.pool import idle_expiry
 from proxy.tls import translate, translate_after_handshake
@@ -97,13 +97,14 @@ async def connect(loop: asyncio.AbstractEventLoop, ip: str, port: int, timeout: 
 
 
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("_loop", "_parser", "_timer", "_timeouts", "transport", "state", "exchange",
+    __slots__ = ("_loop", "_outbox", "_parser", "_timer", "_timeouts", "transport", "state", "exchange",
                  "server", "reused", "head_seen", "request_done", "alive", "idle_pool",
                  "keepalive_timeout", "upstream_keep_alive", "_client_paused", "bytes_seen", "_tunnel")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, server, parser_kind: str,
-                 max_head_bytes: int, timeouts) -> None:
+                 max_head_bytes: int, timeouts, outbox: Outbox | None = None) -> None:
         self._loop = loop
+        self._outbox = outbox or Outbox(loop)
         self._parser = make_response_parser(parser_kind, self, max_head_bytes)
         self._timer = Deadline(loop, self._on_deadline)
         self._timeouts = timeouts
@@ -209,7 +210,8 @@ class UpstreamConnection(asyncio.Protocol):
     def begin(self, exchange, method: bytes, data: bytes, complete: bool, upgrade: bool = False,
               later: bool = False) -> None:
         """Bind to an exchange and send the request head (plus any buffered body). `later`:
-        write it once the callbacks of this loop iteration have run, as a task would."""
+        write it once the callbacks of this loop iteration have run (flow.Outbox), as a
+        task would."""
         self.exchange = exchange
         self.head_seen = False
         self.bytes_seen = False
@@ -219,12 +221,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = WAITING if complete else SENDING
         self._timer.set(self._loop.time() + self._timeouts.response_header if complete else None)
         if later:
-            self._loop.call_soon(self._write_later, data)
+            self._outbox.write(self, data)
         else:
-            self.transport.write(data)
-
-    def _write_later(self, data: bytes) -> None:
-        if self.alive:  # else closed meanwhile: cancelled, or lost (the exchange was told)
             self.transport.write(data)
 
     def send(self, data: bytes) -> None:

@@ -32,7 +32,17 @@ class RequestHead:
 
 
 class ResponseHead:
-    __slots__ = ("status", "reason", "version", "headers")
+    """A parsed response head. The codec fills the first four slots; headers.plan_response
+    fills the rest (how the response goes on to the client), as with RequestHead."""
+
+    __slots__ = ("status", "reason", "version", "headers",
+                 # set by headers.plan_response
+                 "rewritten",            # the head for the client (bytes)
+                 "framing",              # of the body for the client (headers.NO_BODY...)
+                 "keep_alive",           # the client connection stays open afterwards
+                 "upstream_keep_alive",  # the upstream said its connection may be reused
+                 "keepalive_timeout",    # from the upstream's Keep-Alive: timeout= (or None)
+                 "problem")              # why this response cannot be forwarded (or None)
 
     def __init__(self, status: int, reason: bytes, version: bytes, headers: Headers) -> None:
         self.status = status

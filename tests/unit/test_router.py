@@ -27,6 +27,17 @@ def test_first_match_wins_in_config_order():
     assert pool_of(router, b"x", b"/other") == "all"
 
 
+@pytest.mark.parametrize("host", [None, b"", b"a.example", b"[::1]:8080"])
+@pytest.mark.parametrize("path", [b"/", b"/api/x?q", b"*"])
+def test_a_first_route_for_everything_takes_every_request(host, path):
+    """The single-site setup: the first route has host "*" and prefix "/", so it wins
+    whatever the request and whatever follows it."""
+    router = Router([route(pool="all"), route(host="a.example", prefix="/api", pool="api")])
+    assert pool_of(router, host, path) == "all"
+    router = Router([route(host="a.example", pool="a"), route(pool="all")])
+    assert pool_of(router, host, path) == ("a" if host == b"a.example" else "all")
+
+
 def test_host_and_path_must_both_match():
     router = Router(
         [
