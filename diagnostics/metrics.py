@@ -46,7 +46,7 @@ class Histogram:
     inclusive); the last slot is +Inf.
     """
 
-    __slots__ = ("bounds", "counts", "sum", "count")
+    __slots__ = ("bounds", "counts", "sum")
 
     def __init__(self, bounds: Sequence[float] = DEFAULT_BUCKETS) -> None:
         bounds = tuple(float(b) for b in bounds)
@@ -59,15 +59,19 @@ class Histogram:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
-        self.count = 0
+
+    @property
+    def count(self) -> int:
+        """Observations so far (the buckets' total: not kept apart, observe runs per request)."""
+        return sum(self.counts)
 
     def observe(self, seconds: float) -> None:
         self.counts[bisect_left(self.bounds, seconds)] += 1
         self.sum += seconds
-        self.count += 1
 
     def snapshot(self) -> dict:
-        return {"counts": list(self.counts), "sum": self.sum, "count": self.count}
+        counts = list(self.counts)
+        return {"counts": counts, "sum": self.sum, "count": sum(counts)}
 
 
 # ---- exposition -------------------------------------------------------------------------

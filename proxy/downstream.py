@@ -112,7 +112,8 @@ class DownstreamProtocol(asyncio.Protocol):
             self._await_tunnel(rest)
         elif self.state is HEAD:  # a head still incomplete after this read: time it
             self._timer.set(self._head_deadline)
-        self.flush()
+        if self._wbuf:  # (usually nothing: requests go upstream, answers come later)
+            self.flush()
 
     def eof_received(self) -> bool:
         if self._tunnel is not None:  # pass the half-close through the tunnel
