@@ -22,6 +22,7 @@ import asyncio
 from time import perf_counter
 
 from proxy import headers as H
+from proxy.headers import CHUNKED
 from proxy.errors import AwaitingHead, ProxyError, ResponseIncomplete, UnsupportedTransferCoding
 from proxy.flow import BUFFERING, HIGH_WATER, PEER_FULL
 
@@ -145,9 +146,10 @@ class Exchange:
         proxy_status = None
         if status >= 500:
             proxy_status = proxy.received_status_member(conn.server.address, status)
-        plan = H.plan_response(head, request_method=self.head.method, client_version=self.head.version,
+        request = self.head
+        plan = H.plan_response(head, request_method=request.method, client_version=request.version,
                                client_keep_alive=self.keep_alive and not client.closing,
-                               request_id=self.head.request_id_bytes, via=proxy.via,
+                               request_id=request.request_id_bytes, via=proxy.via,
                                proxy_status=proxy_status)
         if plan.problem is not None:
             raise UnsupportedTransferCoding(plan.problem, upstream=conn.server.address)
@@ -161,7 +163,7 @@ class Exchange:
         client.out(plan.rewritten)
 
     def on_upstream_body(self, data: bytes) -> None:
-        if self.framing == H.CHUNKED:
+        if self.framing == CHUNKED:
             self.client.out(b"%x\r\n" % len(data))
             self.client.out(data)
             self.client.out(b"\r\n")

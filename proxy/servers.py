@@ -71,6 +71,7 @@ class HealthPolicy:
 # handful of requests). Module constants: add() runs per request, and a class attribute
 # read through self is the slow lookup.
 _WINDOW = 1024
+_LAST = _WINDOW - 1
 _ALPHA = 0.3
 
 
@@ -99,10 +100,11 @@ class LatencyWindow:
     def add(self, ms: float) -> None:
         i = self._next
         self._ring[i] = ms
-        self._next = (i + 1) % _WINDOW
-        if self._count < _WINDOW:
-            self._count += 1
-            if self._count == 1:
+        self._next = i + 1 if i < _LAST else 0
+        count = self._count
+        if count < _WINDOW:
+            self._count = count + 1
+            if not count:
                 self.ewma_ms = ms
                 return
         self.ewma_ms += _ALPHA * (ms - self.ewma_ms)
@@ -237,12 +239,17 @@ class ServerState:
         return None
 
     def on_answered(self, status: int, head_seconds: float, trial: bool) -> Transition | None:
-        """on_success, then on_attempt_end, in one call: a response ended the attempt."""
+        """on_success, then on_attempt_end: a response ended the attempt. Their lines
+        again rather than their calls: this runs for every request."""
         self.active_requests -= 1
-        change = self.on_success(status, head_seconds, trial)
+        self.responses_by_class[status // 100 if status < 600 else 5] += 1
+        self.latency.add(head_seconds * 1000)
+        self.upstream_latency.observe(head_seconds)
         if trial:
+            if self.state is _EJECTED:
+                return self.on_trial_ok()  # (which ends the trial)
             self.trial = False
-        return change
+        return None
 
     def on_trial_ok(self) -> Transition | None:
         """The trial request of a cooled ejection got an answer: back in."""
