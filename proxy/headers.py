@@ -101,25 +101,13 @@ def scan_request(head: RequestHead, proxy_name: bytes) -> RequestHead:
         # Connection names fields that are hop-by-hop too (RFC 9110 §7.6.1), and they may
         # come before it: scan again, leaving them out of what is forwarded.
         _scan_fields(head, proxy_name, named)
-    version = head.version
-    problem = head.problem
-    if version != b"1.1" and version != b"1.0":
-        # RFC 9110 §6.2: gatewise speaks HTTP/1.x only; HTTP/0.9 has no head to forward.
-        problem = "unsupported HTTP version " + version.decode("latin-1")
-    if head.method == b"CONNECT":
-        problem = "CONNECT is not supported: gatewise is a reverse proxy"
-    head.problem = problem
-    head.idempotent = head.method in IDEMPOTENT
-    if head.request_id_bytes is None:
-        head.request_id_bytes = new_request_id_bytes()
     return head
 
 
 def _scan_fields(head: RequestHead, proxy_name: bytes, drop: frozenset[bytes]) -> set[bytes]:
     """One pass over the request's fields, leaving out those named in `drop`: sets head's
-    scan slots (but idempotent), and returns the names that Connection lists beyond the
-    standard hop-by-hop ones. Locals in the loop, one store each at the end: this runs
-    for every request."""
+    scan slots, and returns the names that Connection lists beyond the standard hop-by-hop
+    ones. Locals in the loop, one store each at the end: this runs for every request."""
     fields: list[bytes] = []  # name, ": ", value, CRLF of each field forwarded unchanged
     hosts = 0
     host = accept = xff = via_seen = request_id = problem = None
@@ -184,16 +172,24 @@ def _scan_fields(head: RequestHead, proxy_name: bytes, drop: frozenset[bytes]) -
     if framing == LENGTH and content_length == 0:
         framing = NO_BODY
     # RFC 9112 §3.2: exactly one Host in HTTP/1.1, at most one in 1.0, else 400.
+    version = head.version
     if hosts > 1:
         problem = "more than one Host header"
-    elif hosts == 0 and head.version == b"1.1":
+    elif hosts == 0 and version == b"1.1":
         problem = "HTTP/1.1 request without a Host header"
+    if version != b"1.1" and version != b"1.0":
+        # RFC 9110 §6.2: gatewise speaks HTTP/1.x only; HTTP/0.9 has no head to forward.
+        problem = "unsupported HTTP version " + version.decode("latin-1")
+    method = head.method
+    if method == b"CONNECT":
+        problem = "CONNECT is not supported: gatewise is a reverse proxy"
+    head.idempotent = method in IDEMPOTENT
     head.fields = fields
     head.host = host
     head.accept = accept
     head.xff = xff
     head.via_seen = via_seen
-    head.request_id_bytes = request_id  # a sane one from the client, else None for now
+    head.request_id_bytes = request_id or new_request_id_bytes()  # a sane one from the client, else ours
     head.problem = problem
     head.framing = framing
     head.content_length = content_length

@@ -1,0 +1,148 @@
+"""Python bytecodes per request, per function, on the hot path of the running proxy.
+
+    .venv/bin/python benchmarks/bytecodes.py [--connections 10] [--requests 100] [--top 40]
+
+profile.py counts the machine instructions of a request but cannot say which Python
+function spent them (CPython 3.11's frames are invisible to callgrind). This counts the
+other way round: every bytecode the interpreter executes for gatewise, attributed to
+its function, through `sys.settrace` with opcode events. Deterministic like profile.py
+(the same count every run for the same code and input), and about 45 machine
+instructions per bytecode on this stack, so the two read together: profile.py says how
+much, this says where. Calls into C (httptools, uvloop, builtins) count as the one
+bytecode that calls them.
+
+1. starts a backend (`gatewise faults --mode ok`, a subprocess);
+2. runs gatewise in this process (uvloop, the default config without active health
+   checks, as profile.py) on free loopback ports;
+3. a client thread (not traced: settrace is per thread) opens `--connections` keep-alive
+   connections, warms them up with 5 requests each, then sends `--requests` GET / on
+   each, one at a time per connection, all of them interleaved;
+4. prints bytecodes and Python calls per request, then the functions that run at least
+   one bytecode per request, most first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bytecodes\r\nAccept: */*\r\n\r\n"
+BODY = b"hello\n"
+
+
+def _load(port: int, connections: int, rounds: list[int], between, done) -> None:
+    """Round 0 warms up; `between()` runs before each later round, `done()` at the end."""
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(connections)]
+    try:
+        for i, requests in enumerate(rounds):
+            if i:
+                between()
+            for _ in range(requests):
+                for s in socks:
+                    s.sendall(REQUEST)
+                for s in socks:
+                    buf = b""
+                    while not buf.endswith(BODY):  # the body ends each response
+                        data = s.recv(65536)
+                        if not data:
+                            raise SystemExit("the proxy closed a connection")
+                        buf += data
+    finally:
+        for s in socks:
+            s.close()
+        done()
+
+
+class Counter:
+    """A settrace tracer: bytecodes and calls per function (file:name)."""
+
+    def __init__(self) -> None:
+        self.ops: collections.Counter[str] = collections.Counter()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __call__(self, frame, event, arg):
+        code = frame.f_code
+        key = f"{os.path.relpath(code.co_filename, ROOT)}:{code.co_name}"
+        self.calls[key] += 1
+        frame.f_trace_opcodes = True
+        ops = self.ops
+
+        def local(frame, event, arg):
+            if event == "opcode":
+                ops[key] += 1
+            return local
+        return local
+
+
+async def _trace(counter: Counter) -> None:
+    sys.settrace(counter)
+
+
+async def _run(args) -> Counter:
+    from proxy.config import config_from_urls
+    from proxy.server import Server
+
+    backend = subprocess.Popen([sys.executable, "-m", "proxy", "faults", "--listen", "127.0.0.1:0",
+                                "--mode", "ok"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        line = backend.stdout.readline().decode()
+        m = re.search(r"127\.0\.0\.1:(\d+)", line)
+        if m is None:
+            raise SystemExit(f"backend did not start: {line!r}")
+        cfg = config_from_urls([f"http://127.0.0.1:{m[1]}"], listen="127.0.0.1:0", admin="127.0.0.1:0")
+        server = await Server(cfg).start()
+        try:
+            counter = Counter()
+            loop = asyncio.get_running_loop()
+            finished = asyncio.Event()
+            # The client thread switches counting on from the loop (settrace is per
+            # thread), so the counted window holds its requests and nothing else.
+            client = threading.Thread(target=_load, args=(
+                server.port, args.connections, [5, args.requests],
+                lambda: asyncio.run_coroutine_threadsafe(_trace(counter), loop).result(30),
+                lambda: loop.call_soon_threadsafe(finished.set)))
+            client.start()
+            try:
+                await asyncio.wait_for(finished.wait(), 120)
+            finally:
+                sys.settrace(None)
+            client.join(10)
+        finally:
+            await server.stop(0)
+    finally:
+        backend.terminate()
+        backend.wait(10)
+    return counter
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--connections", type=int, default=10)
+    p.add_argument("--requests", type=int, default=100, help="per connection")
+    p.add_argument("--top", type=int, default=40, help="functions to list")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    import uvloop
+
+    counter = uvloop.run(_run(args))
+    n = args.connections * args.requests
+    ops, calls = counter.ops, counter.calls
+    print(f"{sum(ops.values()) / n:,.0f} bytecodes and {sum(calls.values()) / n:.1f} Python calls per request "
+          f"({args.connections} connections x {args.requests} GET /, {ROOT})")
+    print(f"{'bytecodes':>10} {'calls':>6}  function (per request)")
+    for key, count in sorted(ops.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(f"{count / n:10.1f} {calls.get(key, 0) / n:6.2f}  {key}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
