@@ -93,7 +93,8 @@ class DownstreamProtocol(asyncio.Protocol):
         if self._tunnel is not None:
             self._tunnel_send(data)
             return
-        if self.state is IDLE:
+        began = self.state is IDLE
+        if began:
             self._enter_head()
         try:
             rest = self._parser.feed(data)
@@ -110,7 +111,7 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         if rest is not None:
             self._await_tunnel(rest)
-        elif self.state is HEAD:  # a head still incomplete after this read: time it
+        elif began and self.state is HEAD:  # a head this read began, still incomplete: time it
             self._timer.set(self._head_deadline)
         if self._wbuf:  # (usually nothing: requests go upstream, answers come later)
             self.flush()
@@ -199,6 +200,8 @@ class DownstreamProtocol(asyncio.Protocol):
             # a request without a body, complete at its head: nothing to time on this side
             # until its response is out (_rearm's case, without the call)
             self._timer.set(None)
+        else:
+            self._rearm()  # the client does not read: its stall deadline, not the head's
 
     # -- serving -----------------------------------------------------------------------
 

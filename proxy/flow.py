@@ -98,9 +98,12 @@ class Outbox:
 
     def write(self, conn, data: bytes) -> None:
         """conn.transport.write(data) then, unless conn has closed meanwhile (it was
-        cancelled, or lost and its exchange told)."""
+        cancelled, or lost and its exchange told). conn.held is True until then: bytes
+        the peer sends before it cannot be an answer to this write (and a connection that
+        closes first stays held: the write never happened)."""
         if not self._writes and not self._flushes:
             self._loop.call_soon(self._run)
+        conn.held = True
         self._writes.append((conn, data))
 
     def flush(self, client) -> None:
@@ -113,7 +116,8 @@ class Outbox:
         writes, self._writes = self._writes, []
         flushes, self._flushes = self._flushes, []
         for conn, data in writes:
-            if conn.alive:
+            if conn.alive:  # (a closed one stays held: what it was given was never written)
+                conn.held = False
                 try:
                     conn.transport.write(data)
                 except Exception as exc:  # one failed write never holds back the others

@@ -12,7 +12,10 @@ Retry rules (nginx proxy_next_upstream, Envoy retry policies, RFC 9110 §9.2.2):
   set). That retry does not use up `retries`, is counted in the recorder, and never
   reaches the client as a 502. (A pooled connection already seen closed is never
   leased, so a non-idempotent request only meets the race when the close crosses our
-  write on the wire, which nothing can prove harmless.)
+  write on the wire, which nothing can prove harmless. One case is provably harmless:
+  the upstream's bytes, typically an idle-timeout 408, arrive before the request has
+  left the Outbox (flow.Outbox, upstream_conn's `held`): nothing was written, so the
+  retry is made whatever the method.)
 - The error reported is the last attempt's cause, with every attempt listed.
 
 Two ways to wait for an attempt, one set of rules:
@@ -82,7 +85,7 @@ class Attempt:
         or reset of a reused connection before any byte (never a timeout)."""
         conn = self.conn
         if (self.race_retry and conn.reused and not conn.bytes_seen and ex.replayable
-                and (ex.head.idempotent or self.pool.retry_non_idempotent)):
+                and (conn.held or ex.head.idempotent or self.pool.retry_non_idempotent)):
             self.race_retry = False
             self.proxy.recorder.keepalive_race_retries += 1
             return True

@@ -99,7 +99,7 @@ async def connect(loop: asyncio.AbstractEventLoop, ip: str, port: int, timeout: 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("_loop", "_outbox", "_parser", "_timer", "_timeouts", "transport", "state", "exchange",
                  "server", "reused", "head_seen", "request_done", "alive", "idle_pool",
-                 "keepalive_timeout", "upstream_keep_alive", "_client_paused", "bytes_seen", "_tunnel")
+                 "keepalive_timeout", "upstream_keep_alive", "_client_paused", "bytes_seen", "_tunnel", "held")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, server, parser_kind: str,
                  max_head_bytes: int, timeouts, outbox: Outbox | None = None) -> None:
@@ -122,6 +122,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._client_paused = False
         self.bytes_seen = False
         self._tunnel = False
+        self.held = False  # the request is waiting in the Outbox, not yet written (flow.Outbox)
 
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -136,6 +137,14 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if ex is None:  # bytes on an idle connection: the upstream is confused; drop it
             self.close()
+            return
+        if self.held:
+            # Bytes before our request was even written (it waits in the Outbox for the end
+            # of this loop iteration) answer nothing we sent: typically a server's "408" as it
+            # times out the idle connection we just leased. That is the keep-alive race, and
+            # it is retried as one (forward.py): no byte of a response to our request was seen.
+            self.fail(ConnectionTerminated("upstream sent bytes before the request was written "
+                                           "(it closed the idle connection?)", upstream=self.server.address))
             return
         if not self.bytes_seen:
             self.bytes_seen = True

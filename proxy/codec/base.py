@@ -51,6 +51,11 @@ class ResponseHead:
         self.headers = headers
 
 
+def fields_size(fields: Headers) -> int:
+    """Fields as the head and trailer limits count them: each with ": " and CRLF."""
+    return sum(len(n) + len(v) + 4 for n, v in fields)
+
+
 def head_end(buf: bytes | bytearray) -> int:
     """Index just past the blank line ending a head, or -1. Accepts bare-LF endings so
     that check_head_bytes can reject them with a precise message."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import h11
 
-from proxy.codec.base import RequestHead, ResponseHead, check_head_bytes, head_end
+from proxy.codec.base import RequestHead, ResponseHead, check_head_bytes, fields_size, head_end
 from proxy.errors import (BadRequest, RequestHeadersTooLarge, ResponseHeadersTooLarge,
                           UnsupportedTransferCoding, UpstreamProtocolError)
 
@@ -94,7 +94,12 @@ class H11RequestParser:
                     elif isinstance(ev, h11.Data):
                         self._h.on_request_body(bytes(ev.data))
                     elif isinstance(ev, h11.EndOfMessage):
-                        self._h.on_request_end(list(ev.headers.raw_items()))
+                        trailers = list(ev.headers.raw_items())
+                        # h11 bounds only what it has not parsed yet: trailers that come
+                        # whole are held to the limit here
+                        if trailers and fields_size(trailers) > self._max:
+                            raise RequestHeadersTooLarge(f"request trailers over {self._max} bytes")
+                        self._h.on_request_end(trailers)
                         rest = conn.trailing_data[0]
                         self._conn = None
                         if self._upgrade:
@@ -218,7 +223,11 @@ class H11ResponseParser:
                 self._conn = None
                 if conn.trailing_data[0]:
                     self.reusable = False  # bytes beyond the response: never reuse
-                self._h.on_response_end(list(ev.headers.raw_items()))
+                trailers = list(ev.headers.raw_items())
+                if trailers and fields_size(trailers) > self._max:  # as for requests
+                    self.reusable = False
+                    raise ResponseHeadersTooLarge(f"response trailers over {self._max} bytes")
+                self._h.on_response_end(trailers)
                 return None
             elif isinstance(ev, h11.ConnectionClosed):
                 return None

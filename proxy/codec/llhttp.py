@@ -19,17 +19,20 @@ Two httptools gaps handled here, and two costs avoided:
   ends (CRLF; "HTTP/1.x SP" for a status line), so a wrong guess at an offset can only
   fail to match and fall back, never read a wrong version.
 - The head size limit (the target plus each field with ": " and CRLF) is not counted
-  field by field: the raw bytes fed since the head began are never fewer, so the fields
-  are summed only once those pass the limit, at the end of a read and before the head
-  is handed on. A usual head, a few hundred bytes in one read, is never summed.
-  Trailers are held to the same limit, on their own.
+  field by field: the bytes of the reads fed since the head began are never fewer, so
+  the fields are summed only once those pass the limit, at the end of a read and before
+  the head is handed on. A usual head, a few hundred bytes in one read, is never summed.
+  Trailers are held to the same limit, on their own: summed at the end of a read while
+  they arrive and before they are handed on. Bytes that make no progress outside a head
+  (a trailer value or chunk line that never ends, buffered inside httptools) are
+  bounded like a head's raw bytes.
 """
 
 from __future__ import annotations
 
 import httptools
 
-from proxy.codec.base import RequestHead, ResponseHead
+from proxy.codec.base import RequestHead, ResponseHead, fields_size
 from proxy.errors import (BadRequest, RequestHeadersTooLarge, ResponseHeadersTooLarge,
                           UpstreamProtocolError)
 
@@ -59,7 +62,8 @@ def _unwrap(exc: httptools.HttpParserCallbackError) -> BaseException:
 
 
 class LlhttpRequestParser:
-    __slots__ = ("_p", "_h", "_max", "_url", "_headers", "_raw", "_in_head", "_chunk", "_start")
+    __slots__ = ("_p", "_h", "_max", "_url", "_headers", "_fed", "_raw", "_pending", "_in_head", "_chunk",
+                 "_start")
 
     def __init__(self, handler, max_head_bytes: int) -> None:
         self._p = httptools.HttpRequestParser(self)
@@ -67,7 +71,9 @@ class LlhttpRequestParser:
         self._max = max_head_bytes
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._raw = 0  # bytes of the chunks fed since the head began: never less than its size
+        self._fed = 0  # length of the read being fed
+        self._raw = 0  # bytes of the reads fed since the head began: never less than its size
+        self._pending = 0  # bytes fed outside a head since the last message or body event
         self._in_head = False
         self._chunk: bytes | None = None  # being fed, until a message ends in it
         self._start: bytes | None = None  # that chunk, when the current message began it
@@ -80,8 +86,11 @@ class LlhttpRequestParser:
     def feed(self, data: bytes) -> bytes | None:
         """Parse data; returns the bytes after an upgrade request's head (the start of
         the tunnel), else None."""
+        self._fed = n = len(data)
         if self._in_head:
-            self._raw += len(data)
+            self._raw += n
+        else:
+            self._pending += n
         self._chunk = data
         try:
             self._p.feed_data(data)
@@ -97,23 +106,24 @@ class LlhttpRequestParser:
         if self._in_head:
             if self._raw > self._max and (self._raw > self._max + _RAW_SLACK or self._size() > self._max):
                 raise RequestHeadersTooLarge(f"request head over {self._max} bytes")
-        elif self._headers and self._size() > self._max:  # trailers, being received
+        elif self._pending > self._max + _RAW_SLACK or (self._headers and fields_size(self._headers) > self._max):
+            # trailers being received, or a trailer or chunk line that never ends
             raise RequestHeadersTooLarge(f"request trailers over {self._max} bytes")
         return None
 
     def _size(self) -> int:
         """The head's size so far, as the limit counts it: the target, and each field with
         ": " and CRLF. Asked only when the raw bytes could be over the limit."""
-        return len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._headers)
+        return len(self._url) + fields_size(self._headers)
 
     # -- httptools callbacks -----------------------------------------------------------
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
-        chunk = self._chunk
-        self._raw = len(chunk) if chunk is not None else 0
+        self._raw = self._fed  # the whole read: where in it the head begins is not known
+        self._pending = 0
         self._in_head = True
-        self._start = chunk
+        self._start = self._chunk
 
     def on_url(self, url: bytes) -> None:
         url = self._url + url
@@ -146,16 +156,20 @@ class LlhttpRequestParser:
         self._h.on_request_head(head)
 
     def on_body(self, data: bytes) -> None:
+        self._pending = 0
         self._h.on_request_body(data)
 
     def on_message_complete(self) -> None:
         self._chunk = None  # a message that begins after this one does not begin the chunk
+        self._pending = 0
         trailers, self._headers = self._headers, []
+        if trailers and fields_size(trailers) > self._max:  # (feed checks them only mid-way)
+            raise RequestHeadersTooLarge(f"request trailers over {self._max} bytes")
         self._h.on_request_end(trailers)
 
 
 class LlhttpResponseParser:
-    __slots__ = ("_p", "_h", "_max", "_reason", "_headers", "_raw", "_in_head",
+    __slots__ = ("_p", "_h", "_max", "_reason", "_headers", "_raw", "_pending", "_in_head",
                  "_head_only", "_interim", "_in_body", "_final_headers", "_outstanding", "reusable", "_chunk",
                  "_start")
 
@@ -166,6 +180,7 @@ class LlhttpResponseParser:
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._raw = 0  # bytes fed since the request was sent: never less than the head's size
+        self._pending = 0  # as in LlhttpRequestParser
         self._in_head = False
         self._head_only = False
         self._interim = False
@@ -193,6 +208,8 @@ class LlhttpResponseParser:
         """Parse data; returns the bytes after a 101 response's head, else None."""
         if self._in_head:
             self._raw += len(data)
+        else:
+            self._pending += len(data)
         self._chunk = data
         try:
             self._p.feed_data(data)
@@ -215,14 +232,15 @@ class LlhttpResponseParser:
             if self._raw > self._max and (self._raw > self._max + _RAW_SLACK or self._size() > self._max):
                 self.reusable = False
                 raise ResponseHeadersTooLarge(f"response head over {self._max} bytes")
-        elif self._headers and self._size() > self._max:  # trailers, being received
+        elif self._pending > self._max + _RAW_SLACK or (self._headers and self._size() > self._max):
+            # trailers being received, or a trailer or chunk line that never ends
             self.reusable = False
             raise ResponseHeadersTooLarge(f"response trailers over {self._max} bytes")
         return None
 
     def _size(self) -> int:
         """As LlhttpRequestParser._size: each field with ": " and CRLF."""
-        return sum(len(n) + len(v) + 4 for n, v in self._headers)
+        return fields_size(self._headers)
 
     def feed_eof(self) -> bool:
         """The upstream closed. True when that ends a close-delimited body (RFC 9112 §6.3
@@ -242,6 +260,7 @@ class LlhttpResponseParser:
             raise UpstreamProtocolError("response bytes with no request outstanding")
         self._reason = b""
         self._headers = []
+        self._pending = 0
         self._in_head = True
         self._start = self._chunk
 
@@ -283,14 +302,19 @@ class LlhttpResponseParser:
             raise _HeadOnly
 
     def on_body(self, data: bytes) -> None:
+        self._pending = 0
         self._h.on_response_body(data)
 
     def on_message_complete(self) -> None:
         self._chunk = None  # as in LlhttpRequestParser
+        self._pending = 0
         if self._interim:
             self._interim = False
             return
         self._in_body = False
         self._outstanding = False
         trailers, self._headers = self._headers, []
+        if trailers and fields_size(trailers) > self._max:  # (feed checks them only mid-way)
+            self.reusable = False
+            raise ResponseHeadersTooLarge(f"response trailers over {self._max} bytes")
         self._h.on_response_end(trailers)

@@ -256,3 +256,32 @@ async def test_client_gone_before_the_deferred_write(upstream, gateway):
     assert len(pool.idle[server]) == 0 and forward_tasks() == []
     (entry,) = gw.proxy.recorder.recent()
     assert entry["error"] == "client_disconnected"
+
+
+@pytest.mark.parametrize("method", [b"GET", b"POST"])
+async def test_an_answer_before_the_deferred_write_is_the_keepalive_race(upstream, gateway, method):
+    """The upstream's bytes arrive on the just-leased connection in the same iteration as
+    the request, before the request has left the Outbox: typically a server's 408 as it
+    times out the idle connection. They answer nothing we sent, so they never reach the
+    client: the attempt fails as the keep-alive race and is retried on a fresh connection,
+    for a POST too (provably unsent), and the stale connection is closed unwritten."""
+    up = await upstream("ok")
+    gw = await gateway([up], pool={"retries": 0})
+    pool, server = the_server(gw)
+    client = await Raw.open(gw.port)
+    try:
+        await client.send(GET)
+        await read_until(client, b"hello\n")
+        (proto,) = gw.proxy.connections
+        (conn, _), = pool.idle[server]._idle
+        proto.data_received(method + b" / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+        assert proto.current.conn is conn and conn.held
+        # and, in the same iteration, the upstream's idle-timeout answer on that connection
+        conn.data_received(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        assert not conn.alive
+        reply = await read_until(client, b"hello\n")
+    finally:
+        client.close()
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    assert gw.proxy.recorder.keepalive_race_retries == 1 and gw.proxy.recorder.recent() == []
+    assert up.connections_accepted == 2 and up.requests_seen == 2  # the stale one never got it

@@ -264,6 +264,23 @@ async def test_head_over_limit_is_431(upstream, gateway, parser):
 
 
 @pytest.mark.parametrize("parser", CODECS)
+async def test_pipelined_head_over_limit_is_431(upstream, gateway, parser):
+    """Regression: an oversized head pipelined behind a small request in the same read
+    reached the upstream (llhttp counted it from zero). The first request is answered,
+    the second refused, and only the first reaches the upstream."""
+    up = await upstream("ok")
+    gw = await gateway([up], limits={"max_request_header_bytes": HEAD_LIMIT})
+    headers = b"".join(b"X-Pad-%02d: %s\r\n" % (i, b"p" * 200) for i in range(30))  # ~6.5 KB
+    raw, closed, _ = await exchange(gw.port, b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n"
+                                    b"GET /b HTTP/1.1\r\nHost: t\r\n" + headers + b"\r\n")
+    assert closed
+    first, second = parse_replies(raw, ("GET", "GET"))
+    assert first.status == 200
+    assert_rejected(second, 431)
+    assert up.requests_seen == 1 and up.last_request["path"] == "/a"
+
+
+@pytest.mark.parametrize("parser", CODECS)
 async def test_head_just_under_limit_passes(upstream, gateway, parser):
     up = await upstream("ok")
     gw = await gateway([up], limits={"max_request_header_bytes": HEAD_LIMIT})
@@ -439,6 +456,35 @@ async def test_idle_keepalive_connection_is_closed(upstream, gateway, parser):
     assert closed and rest == b""
     assert T_CLIENT * 0.5 <= loop.time() - idle_from <= T_CLIENT + 1.7
     await eventually(lambda: not gw.proxy.connections, "gw.proxy.connections empty")
+
+
+@pytest.mark.parametrize("parser", CODECS)
+async def test_a_client_that_does_not_read_is_timed_by_client_idle_not_client_header(upstream, gateway, parser):
+    """Regression: with the client's buffer full (pause_writing), a head that came in two
+    reads kept its client_header deadline after it was complete, and the request then in
+    flight was aborted as "client read nothing" at client_header instead of client_idle.
+    (pause_writing is called as the transport would when its buffer passes high water.)"""
+    up = await upstream("slow:0.6")  # answers after 0.6 s: longer than client_header
+    gw = await gateway([up], timeouts={"client_header": T_CLIENT, "client_idle": 5.0})
+    client = await Raw.open(gw.port)
+    try:
+        await client.send(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n")
+        (downstream,) = await eventually(lambda: list(gw.proxy.connections) or None, "the connection")
+        await eventually(lambda: downstream.state == "idle" and downstream.current is None,
+                         "the first exchange done")
+        downstream.pause_writing()
+        await client.send(b"GET /second HTTP/1.1\r\nHost: t\r\n")
+        await eventually(lambda: downstream.state == "head", "the second head begun")  # read apart
+        await client.send(b"Connection: close\r\n\r\n")
+        # (still "paused" when the answer comes: the transport itself has room, so the
+        # response is written, then the connection closes as asked)
+        rest, closed = await client.recv_until_close(5.0)
+    finally:
+        client.close()
+    assert closed
+    _, second = parse_replies(rest, ("GET", "GET"))
+    assert second.status == 200, second
+    assert _last_error(gw) is None
 
 
 # -- 4. a client that goes away leaks nothing ------------------------------------------------------

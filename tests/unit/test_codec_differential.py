@@ -323,6 +323,61 @@ def test_endless_trailers_are_bounded(kind):
     assert fed < 1024 * 1024
 
 
+@pytest.mark.parametrize("before", [1, 2], ids=["second", "third"])
+def test_a_pipelined_head_over_the_limit_is_refused(before):
+    """Regression: a head that began in the same read as an earlier request was counted
+    from zero, so an oversized second head in one read got through (llhttp sums a head
+    only once the bytes read since it began pass the limit)."""
+    small = _req(b"GET /a HTTP/1.1", H)
+    big = _req(b"GET /b HTTP/1.1", H, b"X-Pad: " + b"p" * 6000)
+    outcomes = _run_requests(small * before + big, max_head=4096)
+    assert outcomes["llhttp"] == outcomes["h11"], outcomes
+    verdict, error, done = outcomes["llhttp"]
+    assert (verdict, error, len(done)) == ("reject", "RequestHeadersTooLarge", before)
+
+
+@pytest.mark.parametrize("kind", CODECS)
+def test_request_trailers_over_the_limit_in_one_read_are_refused(kind):
+    """Trailers that arrive whole in one read are summed too, before they are handed on."""
+    trailers = b"".join(b"X-T-%02d: %s\r\n" % (i, b"t" * 200) for i in range(30))  # ~6.6 KB
+    data = b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n" + trailers + b"\r\n"
+    rec = RequestRecorder()
+    parser = make_request_parser(kind, rec, 4096)
+    with pytest.raises(RequestHeadersTooLarge):
+        parser.feed(data)
+    assert rec.messages[0].trailers is None  # never handed on
+
+
+@pytest.mark.parametrize("kind", CODECS)
+@pytest.mark.parametrize("stuck", [b"0\r\nX-Endless: ", b"1;ext="], ids=["trailer_value", "chunk_extension"])
+def test_a_trailer_or_chunk_line_that_never_ends_is_bounded(kind, stuck):
+    """Bytes that make no progress after the head (httptools buffers an unfinished trailer
+    value or chunk line itself) are bounded like a head's: refused before 1 MiB with a
+    4 KiB limit."""
+    parser = make_request_parser(kind, RequestRecorder(), 4096)
+    try:
+        parser.feed(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n" + stuck)
+        fed = 0
+        while fed < 1024 * 1024:
+            parser.feed(b"e" * 4096)
+            fed += 4096
+    except ClientFault:
+        return
+    pytest.fail(f"{kind} kept reading 1 MiB of a line that never ends")
+
+
+@pytest.mark.parametrize("kind", CODECS)
+def test_response_trailers_over_the_limit_are_refused_and_never_reused(kind):
+    trailers = b"".join(b"X-T-%02d: %s\r\n" % (i, b"t" * 200) for i in range(30))
+    rec = ResponseRecorder()
+    parser = make_response_parser(kind, rec, 4096)
+    parser.start(b"GET")
+    with pytest.raises(ProxyError):
+        parser.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n" + trailers + b"\r\n")
+    assert not parser.reusable
+    assert "end" not in [e[0] for e in rec.events]
+
+
 @pytest.mark.parametrize("size,expect", [(4000, "accept"), (5000, "reject")], ids=["under", "over"])
 def test_head_limit_holds_when_the_head_comes_in_pieces(size, expect):
     """The limit does not depend on how the head is cut into reads: 100-byte pieces."""

@@ -58,9 +58,11 @@ async def test_a_connection_closed_meanwhile_gets_nothing():
     gone, kept = Conn(log, "gone"), Conn(log, "kept")
     outbox.write(gone, b"x")
     outbox.write(kept, b"y")
+    assert gone.held and kept.held  # written to neither yet
     gone.alive = False  # cancelled (or lost) before the loop got to it
     await asyncio.sleep(0)
     assert log == [("kept", b"y")]
+    assert gone.held and not kept.held  # what gone was given was never written
 
 
 async def test_a_failed_write_is_reported_and_holds_back_nothing():
