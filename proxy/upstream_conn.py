@@ -169,6 +169,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._tunnel = True
             self._timer.cancel()  # a tunnel may idle as long as its peers like
             ex.on_tunnel_open(self, rest)
+        elif self.state is BODY and not self._client_paused:
+            # The body's longest silence is idle_read, counted from the end of each read:
+            # one timer move per read, none per piece, and none at all for a response that
+            # ends in the read that brought its head (the connection is IDLE again by then).
+            self._timer.set(self._loop.time() + self._timeouts.idle_read)
         if ex is not None:
             ex.flush()
 
@@ -303,12 +308,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange.on_upstream_head(self, head)
         if head.status >= 200:
             self.head_seen = True
-            self.state = BODY
-            self._timer.set(self._loop.time() + self._timeouts.idle_read)
+            self.state = BODY  # its timer is set once the read is parsed (data_received)
 
     def on_response_body(self, data: bytes) -> None:
-        if not self._client_paused:
-            self._timer.extend(self._loop.time() + self._timeouts.idle_read)
         self.exchange.on_upstream_body(data)
 
     def on_response_end(self, trailers) -> None:
