@@ -196,12 +196,12 @@ class DownstreamProtocol(asyncio.Protocol):
         if not ex.body_complete:
             ex.on_client_end(trailers)
             self._rearm()
-        elif not self._write_paused:
-            # a request without a body, complete at its head: nothing to time on this side
-            # until its response is out (_rearm's case, without the call)
-            self._timer.set(None)
-        else:
+        elif self._write_paused:
             self._rearm()  # the client does not read: its stall deadline, not the head's
+        # else a request without a body, complete at its head: nothing to time on this side
+        # until its response is out. The deadline armed before it is left as it is: if it
+        # fires meanwhile it finds nothing to do (_on_deadline), which costs less than
+        # disarming it for every request.
 
     # -- serving -----------------------------------------------------------------------
 
@@ -396,6 +396,8 @@ class DownstreamProtocol(asyncio.Protocol):
         elif self.state is HEAD:
             self._reject(ClientTimeout(f"no complete request head within {t.client_header:g} s "
                                        f"(timeouts.client_header)"))
+        elif self.receiving is None or self.receiving.body_complete:
+            return  # a request in flight with nothing left to read: nothing to time here
         elif self.gate.paused:  # we stopped reading (the upstream is full): not the client's fault
             self._timer.set(self.loop.time() + t.client_idle)
         else:
