@@ -60,6 +60,17 @@ async def ok_then_garbage(server: Scripted, sock) -> None:
         await server.read_head(sock, rest)
 
 
+async def one_pooled(gw, client: Raw):
+    """After one request on `client`: its protocol in the proxy, and the upstream
+    connection now idle in the pool of the_server(gw)."""
+    await client.send(GET)
+    await read_until(client, b"hello\n")
+    pool, server = the_server(gw)
+    (proto,) = gw.proxy.connections
+    (conn, _), = pool.idle[server]._idle
+    return proto, conn
+
+
 @pytest.fixture
 def handed_over(monkeypatch):
     """The failures the fast path handed to a task (Attempt.on_failed runs only there):
@@ -240,10 +251,7 @@ async def test_client_gone_before_the_deferred_write(upstream, gateway):
     pool, server = the_server(gw)
     client = await Raw.open(gw.port)
     try:
-        await client.send(GET)
-        await read_until(client, b"hello\n")
-        (proto,) = gw.proxy.connections
-        (conn, _), = pool.idle[server]._idle
+        proto, conn = await one_pooled(gw, client)
         proto.data_received(GET)  # and, in the same iteration, the close
         ex = proto.current
         assert ex.fast is not None and ex.task is None and ex.conn is conn
@@ -267,13 +275,9 @@ async def test_an_answer_before_the_deferred_write_is_the_keepalive_race(upstrea
     for a POST too (provably unsent), and the stale connection is closed unwritten."""
     up = await upstream("ok")
     gw = await gateway([up], pool={"retries": 0})
-    pool, server = the_server(gw)
     client = await Raw.open(gw.port)
     try:
-        await client.send(GET)
-        await read_until(client, b"hello\n")
-        (proto,) = gw.proxy.connections
-        (conn, _), = pool.idle[server]._idle
+        proto, conn = await one_pooled(gw, client)
         proto.data_received(method + b" / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
         assert proto.current.conn is conn and conn.held
         # and, in the same iteration, the upstream's idle-timeout answer on that connection
