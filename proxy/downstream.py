@@ -210,9 +210,8 @@ class DownstreamProtocol(asyncio.Protocol):
         for the end of this loop iteration: see flush_soon)."""
         if self.queue:
             self.flush()  # whether the next request may start depends on this write
-        elif self._wbuf and not self._flush_pending:  # flush_soon, without the call
-            self._flush_pending = True
-            self.proxy.outbox.flush(self)
+        else:
+            self.flush_soon()
         if ex is not self.current:
             return
         self.current = None

@@ -108,12 +108,14 @@ class Exchange:
         """Send the request on conn (plus the body received so far); `later`: see
         UpstreamConnection.begin."""
         self.conn = conn
-        body = b"".join(self.body_chunks) if self.body_chunks else b""
-        conn.begin(self, self.head.method, head_bytes + body if body else head_bytes, self.body_complete,
-                   self.head.upgrade, later)
+        if self.body_chunks:
+            head_bytes += b"".join(self.body_chunks)
+        conn.begin(self, self.head.method, head_bytes, self.body_complete, self.head.upgrade, later)
         if self.body_size > REPLAY_LIMIT:
             self._drop_replay()
-        self.client.gate.resume(BUFFERING)
+        gate = self.client.gate
+        if gate.reasons:
+            gate.resume(BUFFERING)
 
     def detach(self) -> None:
         """The attempt is over without a response (failure or cancellation)."""

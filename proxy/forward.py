@@ -92,8 +92,10 @@ class Attempt:
         return False
 
     def succeeded(self, ex) -> None:
+        """A response ended the attempt: the server's statistics, and the attempt's end
+        (an attempt ends here or in end(), never both)."""
         server = self.server
-        change = server.on_success(ex.status, ex.head_at - self.started, self.trial)
+        change = server.on_answered(ex.status, ex.head_at - self.started, self.trial)
         if change is not None:  # (the call is skipped in steady state: this runs per request)
             log_server_state(self.pool.name, server, change, by="trial request")
 
@@ -107,6 +109,7 @@ class Attempt:
                              by="passive", error=info.token, details=exc.detail)
 
     def end(self, ex) -> None:
+        """The attempt ended without a response: it failed, or it was cancelled."""
         self.server.on_attempt_end(self.trial)
         if not ex.finished:
             ex.detach()
@@ -114,16 +117,11 @@ class Attempt:
     # -- the fast path: the exchange reports here instead of to a task -------------------
     def on_end(self, ex) -> None:
         """The response is complete (Exchange.on_upstream_end): what the task's unwinding
-        does after a success (succeeded, end, in_flight, _observe_latency), in the same
-        order, in fewer calls: this runs for every request."""
+        does after a success, in the same order."""
         ex.fast = None
-        server = self.server
-        change = server.on_answered(ex.status, ex.head_at - self.started, self.trial)
-        if change is not None:
-            log_server_state(self.pool.name, server, change, by="trial request")
-        pool = self.pool
-        pool.in_flight -= 1
-        pool.request_latency.observe(perf_counter() - ex.started)
+        self.succeeded(ex)
+        self.pool.in_flight -= 1
+        _observe_latency(ex)
 
     def on_failed(self, ex, exc: ProxyError) -> None:
         """The attempt failed (Exchange.on_upstream_failed): the task decides what follows.
@@ -156,11 +154,10 @@ def start(proxy, ex) -> None:
                 # Written after this loop iteration's callbacks, as from a task: the requests
                 # read in one iteration then reach the upstreams together, which wake once for
                 # them (writing each at once cost more system time than the task it replaces
-                # saved). Nothing of a body to send: the head goes alone (Exchange.send's rest).
-                ex.conn = conn
-                conn.begin(ex, ex.head.method, ex.head_bytes, True, False, True)
+                # saved).
+                ex.send(conn, ex.head_bytes, later=True)
             return
-    ex.task = proxy.loop.create_task(forward(proxy, ex))
+    start_task(proxy, ex)
 
 
 def start_task(proxy, ex) -> None:
@@ -315,8 +312,7 @@ async def _attempt(ex, at: Attempt) -> None:
                 else:  # the fast path sent on at.conn and it failed: judged here, like any failure
                     failure, at.failure = at.failure, None
                     raise failure
-                at.succeeded(ex)
-                return
+                break
             except ConnectionTerminated:
                 if at.keepalive_race(ex):
                     ex.detach()
@@ -325,9 +321,12 @@ async def _attempt(ex, at: Attempt) -> None:
                 raise
     except ProxyError as exc:
         at.failed(ex, exc)
-        raise
-    finally:
         at.end(ex)
+        raise
+    except BaseException:  # cancelled
+        at.end(ex)
+        raise
+    at.succeeded(ex)
 
 
 def _note_attempt(ex, server, exc: ProxyError, elapsed: float) -> None:

@@ -271,9 +271,7 @@ def plan_response(head: ResponseHead, *, request_method: bytes, client_version: 
     Interim (1xx) heads are passed with hop-by-hop fields removed and no framing."""
     status = head.status
     interim = status < 200
-    known = _STATUS_LINES.get(status)
-    reason = head.reason
-    line = known[1] if known is not None and (not reason or reason == known[0]) else status_line(status, reason)
+    line = status_line(status, head.reason)
     out = [line]
     tokens, length, chunked, via_seen, date_seen = _response_fields(head, out, _NOTHING)
     if tokens and not tokens <= HOP_BY_HOP and _names_any(head.headers, tokens - HOP_BY_HOP):

@@ -239,17 +239,12 @@ class ServerState:
         return None
 
     def on_answered(self, status: int, head_seconds: float, trial: bool) -> Transition | None:
-        """on_success, then on_attempt_end: a response ended the attempt. Their lines
-        again rather than their calls: this runs for every request."""
+        """on_success, then on_attempt_end, in one call: a response ended the attempt."""
         self.active_requests -= 1
-        self.responses_by_class[status // 100 if status < 600 else 5] += 1
-        self.latency.add(head_seconds * 1000)
-        self.upstream_latency.observe(head_seconds)
+        change = self.on_success(status, head_seconds, trial)
         if trial:
-            if self.state is _EJECTED:
-                return self.on_trial_ok()  # (which ends the trial)
             self.trial = False
-        return None
+        return change
 
     def on_trial_ok(self) -> Transition | None:
         """The trial request of a cooled ejection got an answer: back in."""

@@ -102,9 +102,9 @@ class UpstreamConnection(asyncio.Protocol):
                  "keepalive_timeout", "upstream_keep_alive", "_client_paused", "bytes_seen", "_tunnel", "held")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, server, parser_kind: str,
-                 max_head_bytes: int, timeouts, outbox: Outbox | None = None) -> None:
+                 max_head_bytes: int, timeouts, outbox: Outbox) -> None:
         self._loop = loop
-        self._outbox = outbox or Outbox(loop)
+        self._outbox = outbox
         self._parser = make_response_parser(parser_kind, self, max_head_bytes)
         self._timer = Deadline(loop, self._on_deadline)
         self._timeouts = timeouts
@@ -277,9 +277,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._client_paused:
             self.resume_for_client()
         now = self._loop.time()
-        advertised = self.keepalive_timeout
-        idle = self._timeouts.upstream_idle
-        expires = now + idle if advertised is None else idle_expiry(now, idle, advertised)
+        expires = idle_expiry(now, self._timeouts.upstream_idle, self.keepalive_timeout)
         self._timer.set(expires)
         for c in self.idle_pool.put(self, expires, now):
             c.close()

@@ -229,18 +229,14 @@ class LlhttpResponseParser:
         finally:
             self._chunk = self._start = None  # as in LlhttpRequestParser.feed
         if self._in_head:
-            if self._raw > self._max and (self._raw > self._max + _RAW_SLACK or self._size() > self._max):
+            if self._raw > self._max and (self._raw > self._max + _RAW_SLACK or fields_size(self._headers) > self._max):
                 self.reusable = False
                 raise ResponseHeadersTooLarge(f"response head over {self._max} bytes")
-        elif self._pending > self._max + _RAW_SLACK or (self._headers and self._size() > self._max):
+        elif self._pending > self._max + _RAW_SLACK or (self._headers and fields_size(self._headers) > self._max):
             # trailers being received, or a trailer or chunk line that never ends
             self.reusable = False
             raise ResponseHeadersTooLarge(f"response trailers over {self._max} bytes")
         return None
-
-    def _size(self) -> int:
-        """As LlhttpRequestParser._size: each field with ": " and CRLF."""
-        return fields_size(self._headers)
 
     def feed_eof(self) -> bool:
         """The upstream closed. True when that ends a close-delimited body (RFC 9112 §6.3
@@ -272,7 +268,7 @@ class LlhttpResponseParser:
 
     def on_headers_complete(self) -> None:
         p = self._p
-        if self._raw > self._max and self._size() > self._max:
+        if self._raw > self._max and fields_size(self._headers) > self._max:
             self.reusable = False
             raise ResponseHeadersTooLarge(f"response head over {self._max} bytes")
         status = p.get_status_code()
