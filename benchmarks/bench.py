@@ -67,6 +67,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import floor  # benchmarks/floor.py, the yardstick: how to start it
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -554,11 +556,10 @@ backend be
         base = self.tmp / name
         base.mkdir(exist_ok=True)
         log = base / "stderr.log"
-        proc = self._spawn(self.pin(self.proxy_cpu) + [self.python, str(ROOT / "benchmarks" / "floor.py"),
-                                                       "--listen", "127.0.0.1:0",
-                                                       "--upstream", f"127.0.0.1:{self.backend.port}"]
-                           + (["--features"] if features else []), log)
-        port = int(_wait_log(log, r"floor listening on 127\.0\.0\.1:(\d+)", proc, name)[1])
+        # this checkout's gatewise pieces (floor --features uses some), whatever --src says
+        proc = self._spawn(self.pin(self.proxy_cpu) + floor.command(self.python, self.backend.port, features),
+                           log, cwd=ROOT, env=_env(ROOT))
+        port = int(_wait_log(log, floor.READY, proc, name)[1])
         return Target(name, "floor", port, proc, {"features": features})
 
     def post_script(self, size: int) -> Path:

@@ -15,8 +15,9 @@ bytecode that calls them.
 2. runs gatewise in this process (uvloop, the default config without active health
    checks, as profile.py) on free loopback ports;
 3. a client thread (not traced: settrace is per thread) opens `--connections` keep-alive
-   connections, warms them up with 5 requests each, then sends `--requests` GET / on
-   each, one at a time per connection, all of them interleaved;
+   connections and sends what profile.py sends (its load()): 5 requests each to warm up,
+   then, counted, `--requests` GET / on each, one at a time per connection, all of them
+   interleaved;
 4. prints bytecodes and Python calls per request, then the functions that run at least
    one bytecode per request, most first.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import importlib.util
 import os
 import re
 import socket
@@ -35,31 +37,33 @@ import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bytecodes\r\nAccept: */*\r\n\r\n"
-BODY = b"hello\n"
 
 
-def _load(port: int, connections: int, rounds: list[int], between, done) -> None:
-    """Round 0 warms up; `between()` runs before each later round, `done()` at the end."""
+def _profile_module():
+    """benchmarks/profile.py, for its load(): the same requests in the same rhythm as
+    the instruction count, so the two figures read together. (Loaded by path: the name
+    `profile` is also the standard library's.)"""
+    spec = importlib.util.spec_from_file_location("gatewise_profile", ROOT / "benchmarks" / "profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _client(port: int, connections: int, requests: int, between, done) -> None:
+    """profile.load's warm-up (5 requests per connection), `between()`, the counted
+    requests, `done()`, then the sockets are closed (outside the counted window)."""
+    load = _profile_module().load
     socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(connections)]
     try:
-        for i, requests in enumerate(rounds):
-            if i:
-                between()
-            for _ in range(requests):
-                for s in socks:
-                    s.sendall(REQUEST)
-                for s in socks:
-                    buf = b""
-                    while not buf.endswith(BODY):  # the body ends each response
-                        data = s.recv(65536)
-                        if not data:
-                            raise SystemExit("the proxy closed a connection")
-                        buf += data
+        for s in socks:
+            s.setblocking(False)
+        load(socks, 5)
+        between()
+        load(socks, requests)
     finally:
+        done()
         for s in socks:
             s.close()
-        done()
 
 
 class Counter:
@@ -106,8 +110,8 @@ async def _run(args) -> Counter:
             finished = asyncio.Event()
             # The client thread switches counting on from the loop (settrace is per
             # thread), so the counted window holds its requests and nothing else.
-            client = threading.Thread(target=_load, args=(
-                server.port, args.connections, [5, args.requests],
+            client = threading.Thread(target=_client, args=(
+                server.port, args.connections, args.requests,
                 lambda: asyncio.run_coroutine_threadsafe(_trace(counter), loop).result(30),
                 lambda: loop.call_soon_threadsafe(finished.set)))
             client.start()

@@ -280,6 +280,16 @@ class FeatureClient(Client):
         self.request_id = b""
 
 
+READY = r"floor listening on 127\.0\.0\.1:(\d+)"  # what the line printed once listening matches
+
+
+def command(python: str, upstream_port: int, features: bool) -> list[str]:
+    """The command bench.py and profile.py start the floor with, on a free loopback port
+    (read it from the output with READY)."""
+    return ([python, __file__, "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{upstream_port}"]
+            + (["--features"] if features else []))
+
+
 async def main(listen: tuple[str, int], upstream: tuple[str, int], features: bool) -> None:
     loop = asyncio.get_running_loop()
     client = FeatureClient if features else Client

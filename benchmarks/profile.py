@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import floor  # benchmarks/floor.py, the yardstick: how to start it
+
 ROOT = Path(__file__).resolve().parent.parent
 ABLATE_STUBS = ROOT / "benchmarks" / "ablate" / "sitecustomize.py"  # its NAMES are the --ablate choices
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: profile\r\nAccept: */*\r\n\r\n"
@@ -133,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.target == "gatewise":
             cmd, ready = [args.python, "-m", "proxy", "run", "-c", str(cfg)], r'"event":"listening","address":"127\.0\.0\.1:(\d+)"'
         else:
-            cmd = [args.python, str(ROOT / "benchmarks" / "floor.py"), "--listen", "127.0.0.1:0",
-                   "--upstream", f"127.0.0.1:{backend_port}"] + (["--features"] if args.target != "floor" else [])
-            ready = r"floor listening on 127\.0\.0\.1:(\d+)"
+            cmd, ready = floor.command(args.python, backend_port, args.target != "floor"), floor.READY
         gw = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                                *cmd], cwd=src, env=gw_env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
         procs.append(gw)

@@ -9,7 +9,6 @@ fine for counting and nothing else. Never on a PYTHONPATH outside profile.py.
 
     stats        ServerState.on_success/on_attempt_start/on_attempt_end, Histogram.observe
     timers       Deadline.set/extend
-    gates        ReadGate.resume
     routing      split_target, rewrite_target, Router.match (cached)
     reqheaders   scan_request and build_request_head (first result reused)
     respheaders  plan_response (first result reused)
@@ -17,7 +16,7 @@ fine for counting and nothing else. Never on a PYTHONPATH outside profile.py.
 """
 import os
 
-NAMES = ("stats", "timers", "gates", "routing", "reqheaders", "respheaders", "defer")
+NAMES = ("stats", "timers", "routing", "reqheaders", "respheaders", "defer")
 ABLATE = set(filter(None, os.environ.get("ABLATE", "").split(",")))
 if ABLATE - set(NAMES):
     raise SystemExit(f"ABLATE: {', '.join(sorted(ABLATE - set(NAMES)))} not in {', '.join(NAMES)}")
@@ -40,8 +39,6 @@ if ABLATE:
     if "timers" in ABLATE:
         F.Deadline.set = lambda self, when: None
         F.Deadline.extend = lambda self, when: None
-    if "gates" in ABLATE:
-        F.ReadGate.resume = lambda self, r: None
     if "routing" in ABLATE:
         FW.split_target = lambda target: (None, target)
         FW.rewrite_target = lambda route, path: path
