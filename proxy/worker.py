@@ -93,9 +93,23 @@ async def serve(fd: int, index: int) -> int:
         loop.add_signal_handler(sig, stop)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # reloads come through the supervisor
     server: WorkerServer | None = None
-    while (message := await inbox.get()) is not None:
+    draining: asyncio.Task | None = None
+    while True:
+        message = await inbox.get()
+        if message is None:  # the order to stop
+            if server is None:
+                return 1  # stopped before any config arrived
+            if draining is None:
+                # Drain in a task and go on reading: while the requests in flight finish,
+                # the supervisor still asks for snapshots (/debug, /metrics) and pushes
+                # server states (a retry must not pick a server ejected meanwhile).
+                draining = loop.create_task(server.stop())
+                draining.add_done_callback(lambda _: inbox.put_nowait({"t": "drained"}))
+            continue
         kind = message["t"]
-        if kind == "config" and server is None:
+        if server is None:
+            # open_channel, then the config: the supervisor's first message is always it
+            assert kind == "config", message
             server = WorkerServer(_config(message), message["port"], channel.send)
             try:
                 await server.start(message["states"])
@@ -103,17 +117,16 @@ async def serve(fd: int, index: int) -> int:
                 log_event("listen_failed", address=server.cfg.listen.address, error=str(exc))
                 return 1
             channel.send({"t": "ready", "pid": os.getpid()})
-        elif server is None:
-            continue  # nothing to apply it to: the config message carries the newer states
+        elif kind == "drained":
+            break
         elif kind == "config":
-            await _reload(server, message, channel)
+            if draining is None:  # (a reload that comes while draining has nothing to serve)
+                await _reload(server, message, channel)
         elif kind == "states":
             server.apply_states(message["servers"])
         elif kind == "snapshot":
             channel.send({"t": "snapshot", "id": message["id"], "data": server.snapshot()})
-    if server is None:
-        return 1  # stopped before any config arrived
-    await server.stop()
+    await draining  # (done: raises what stop() raised)
     channel.close()
     return 0
 

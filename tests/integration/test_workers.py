@@ -477,13 +477,17 @@ async def test_a_restarted_worker_learns_an_ejection_made_while_it_was_starting(
 
 
 async def test_sigterm_drains_every_worker_then_exits_0(cluster, upstream, tmp_path):
-    slow = await upstream("slow:1", name="slow")
+    slow = await upstream("slow:2", name="slow")
     c = await cluster.start(cluster.config(tmp_path / "gw.toml", [slow.url]))
     async with c.request_in_flight(slow.url) as in_flight:
         assert not in_flight.done()
         await c.gw.wait_handles(signal.SIGTERM)
         c.gw.send_signal(signal.SIGTERM)
         await c.wait_for("draining")
+        # Regression: a draining worker stopped reading its channel, so /debug went without
+        # it (after the snapshot timeout) and showed the request in flight as gone.
+        assert (await c.server(slow.url))["active_requests"] == 1
+        assert not in_flight.done()
         reply = await in_flight
     assert reply.status == 200 and reply.body == b"hello\n" and reply.header("x-upstream") == "slow"
     assert await c.gw.wait_exit(GRACE + 5.0) == 0
