@@ -205,7 +205,8 @@ class SharedServerState(ServerState):
         return None
 
     def on_trial_ok(self) -> None:
-        # reached from on_success for the trial request only: nothing extra per request
+        # reached (through on_answered, on_success) for a trial request only: nothing
+        # extra per request
         if super().on_trial_ok() is not None:
             self.report({"t": "trial_ok", **self.key})
         return None

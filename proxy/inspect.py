@@ -44,10 +44,13 @@ class ProxyView:
 
     def workers(self) -> list[dict]:
         """One process serves everything (listen.workers = 1)."""
-        proxy = self._proxy
-        requests = sum(sum(s.responses_by_class) for pool in proxy.pools.values() for s in pool.servers)
         return [{"index": 0, "pid": os.getpid(), "alive": True, "started_at": round(STARTED_AT, 3),
-                 "restarts": 0, "client_connections": len(proxy.connections), "requests_total": requests}]
+                 "restarts": 0, "client_connections": len(self._proxy.connections),
+                 "requests_total": self.requests_total()}]
+
+    def requests_total(self) -> int:
+        """Responses this process has forwarded (a worker reports it to the supervisor)."""
+        return sum(sum(s.responses_by_class) for pool in self._proxy.pools.values() for s in pool.servers)
 
     def config(self) -> dict:
         return to_dict(self._proxy.cfg, redact=True)

@@ -89,7 +89,7 @@ class Supervisor:
         self._reservation: socket.socket | None = None
         self.host, self.port = cfg.listen.host, cfg.listen.port
         self._ids = itertools.count(1)
-        self._round: asyncio.Future | None = None  # the snapshot round under way (snapshots)
+        self._round: asyncio.Future | None = None  # the latest snapshot round (snapshots)
         self._watchers: set[asyncio.Task] = set()
 
     @property
@@ -284,15 +284,18 @@ class Supervisor:
         if pool is None or index >= len(pool.servers) or pool.servers[index].url != message.get("url"):
             return  # about a server of the config before a reload
         server = pool.servers[index]
+        now = self.proxy.loop.time()
+        seen = state_of(server, now)
         if message["t"] == "trial_ok":
             change = server.on_trial_ok()  # None unless ejected (the transition table)
             fields = {"by": "trial request"}
         else:
-            change = server.on_failure(message["error"], message["details"], self.proxy.loop.time(),
-                                       message["trial"])
+            change = server.on_failure(message["error"], message["details"], now, message["trial"])
             fields = {"by": "passive", "error": message["error"], "details": message["details"]}
         log_server_state(pool.name, server, change, worker=handle.index, **fields)
-        if change is not None or message.get("trial"):  # else nothing a worker sees has changed
+        # Pushed only when what a worker sees has changed: a transition, or a failed trial
+        # that moves the ejection on (most failures only count towards max_fails).
+        if state_of(server, now) != seen:
             self._pushed(pool, server)
 
     def _pushed(self, pool, server) -> None:
@@ -307,13 +310,9 @@ class Supervisor:
         """Every live worker's snapshot (a worker that does not answer in time is left out).
         Callers that ask while a round is under way share it (the /debug page asks for
         upstreams, requests and workers at once): the merges only read what they get."""
-        if self._round is None:
+        if self._round is None or self._round.done():
             self._round = asyncio.ensure_future(self._ask_snapshots())
-            self._round.add_done_callback(self._round_done)
         return await asyncio.shield(self._round)
-
-    def _round_done(self, _) -> None:
-        self._round = None
 
     async def _ask_snapshots(self) -> list[dict]:
         loop = asyncio.get_running_loop()
@@ -383,12 +382,11 @@ class ClusterView:
         by_index = {s["index"]: s for s in snaps}
         out = []
         for handle in self._sup.workers:
-            counts = by_index[handle.index]["worker"] if handle.index in by_index else {}
-            # the worker's own view (inspect.ProxyView.workers), with what only we know
+            snap = by_index.get(handle.index)  # (None: the worker did not answer in time)
             out.append({"index": handle.index, "pid": handle.pid, "alive": handle.alive,
                         "started_at": round(handle.started_at, 3), "restarts": handle.restarts,
-                        "client_connections": counts.get("client_connections"),
-                        "requests_total": counts.get("requests_total")})
+                        "client_connections": snap["metrics"]["client_connections"] if snap else None,
+                        "requests_total": snap["requests_total"] if snap else None})
         return out
 
     def ready(self) -> bool:

@@ -70,7 +70,7 @@ class WorkerServer(Server):
             for entry, server in zip(upstreams["pools"][name]["servers"], pool.servers):
                 entry["latency_samples"] = server.latency.samples()
         return {"upstreams": upstreams, "metrics": view.metrics(), "requests": view.requests(),
-                "worker": view.workers()[0]}
+                "requests_total": view.requests_total()}
 
 
 def _config(message: dict):

@@ -5,13 +5,18 @@ No sockets, fake time."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
+from types import SimpleNamespace
 from pathlib import Path
 
 import orjson
 import pytest
 
 from diagnostics.metrics import Histogram
+from proxy.config import config_from_urls
+from proxy.server import Proxy
+from proxy.supervisor import Supervisor
 from proxy.cluster import (MAX_MESSAGE, ChannelError, Decoder, SharedServerState, apply_state, encode,
                            merge_histograms, merge_metrics, merge_requests, merge_upstreams, shared_servers,
                            state_of)
@@ -199,8 +204,7 @@ def test_a_trial_success_is_reported_as_trial_ok_and_returns_none():
     assert s.available(40.0)
     trial = s.on_attempt_start()
     assert trial is True and not s.available(40.0)                   # one trial at a time
-    assert s.on_success(200, 0.01, trial) is None
-    s.on_attempt_end(trial)
+    assert s.on_answered(200, 0.01, trial) is None   # the per-request entry (forward.Attempt)
     assert reports == [{"t": "trial_ok", "pool": "app", "server": 0, "url": URL_B}]
 
 
@@ -309,7 +313,8 @@ def test_percentiles_are_nearest_rank_like_latency_window():
     s = server()
     for v in samples:
         s.latency.add(v)
-    assert nearest_rank(samples) == s.latency.percentiles() == {"p50": 5.0, "p99": 7.0}
+    assert nearest_rank(samples) == {"p50": 5.0, "p99": 7.0}        # what the merge uses
+    assert s.latency.percentiles() == {"p50": 5.0, "p99": 7.0}      # what one process shows
 
 
 def metrics_entry(s: ServerState) -> dict:
@@ -389,3 +394,32 @@ def test_merge_requests_is_newest_first_and_capped():
     assert len(merge_requests([w0, w1], size=256)) == 10
     assert merge_requests([], size=5) == [] and merge_requests([[], []], size=5) == []
     assert merge_requests([[{"request_id": "no-time"}], w0[:1]], size=5)[-1]["request_id"] == "no-time"
+
+
+async def test_the_supervisor_pushes_a_passive_verdict_exactly_when_what_workers_see_changes():
+    """A worker's passive report reaches every worker as a state only when it changes
+    what they see: not for a failure that only counts towards max_fails, yes for the
+    ejection, and yes for a failed trial, which moves the ejection on without a state
+    change (so the other workers hold back their own trials)."""
+    cfg = config_from_urls([URL_A], listen="127.0.0.1:0", admin="127.0.0.1:0", workers=2)
+    sup = Supervisor(cfg)
+    sup.proxy = Proxy(cfg, asyncio.get_running_loop())
+    sent: list[dict] = []
+    for handle in sup.workers:  # stand-ins for the channels and processes of two live workers
+        handle.channel = SimpleNamespace(send=sent.append)
+        handle.process = SimpleNamespace(returncode=None)
+    (server,) = sup.proxy.pools["default"].servers
+    failure = {"t": "failure", "pool": "default", "server": 0, "url": server.url,
+               "error": "connection_refused", "details": "ECONNREFUSED", "trial": False}
+    max_fails = server.policy.max_fails
+    for _ in range(max_fails - 1):
+        sup._passive(sup.workers[0], failure)
+    assert sent == []                                   # counted, nothing to tell
+    sup._passive(sup.workers[0], failure)               # the one that ejects
+    assert [m["servers"][0][2]["state"] for m in sent] == ["ejected"] * 2
+    sent.clear()
+    now = sup.proxy.loop.time()
+    server.ejected_until = now                          # cooled: a trial may go
+    sup._passive(sup.workers[1], {**failure, "trial": True})
+    assert len(sent) == 2 and {m["servers"][0][2]["state"] for m in sent} == {"ejected"}
+    assert all(m["servers"][0][2]["ejected_for"] > 0 for m in sent)  # out for another period
