@@ -13,13 +13,15 @@ One run:
 3. starts the proxies under test, each on a free loopback port: gatewise
    (`python -m proxy run -c <generated config>`: the default feature set, i.e. active
    health checks, passive checks, admin listener with /metrics and /debug, the recorder,
-   request ids, X-Forwarded-*, Via), "gatewise-w2" (the same with listen.workers = 2,
-   not pinned), nginx as a proxy (1 worker, upstream keepalive 32,
+   request ids, X-Forwarded-*, Via; its hot path compiled, as `make` builds it),
+   "gatewise-py" (the same source as plain Python: GATEWISE_PURE=1, see setup.py),
+   "gatewise-w2" (compiled, with listen.workers = 2, not pinned), nginx as a proxy (1 worker, upstream keepalive 32,
    HTTP/1.1 upstream, no disk buffering), and HAProxy (1 thread, http-reuse always) when
    `haproxy` is installed (never installed by this script), "floor"
    (benchmarks/floor.py: the least a Python forwarder does per request on gatewise's
    stack, uvloop + httptools with no features) and "floor+features" (the same doing
-   gatewise's per-request feature work inline), pinned like the proxies.
+   gatewise's per-request feature work inline), both plain Python (the issue's
+   yardstick), pinned like the proxies.
 4. pins the proxy under test to CPU 0 and the backend and `wrk -t1` to CPU 1 (taskset,
    2+ CPUs; `--no-pin` to skip; for GET / c1 the proxy joins them on CPU 1, as in the
    issue's c1 figure: across cores a c1 ping-pong measures wake-ups, not the proxy), and
@@ -318,10 +320,13 @@ def _commit(tree: Path) -> str | None:
     return out.stdout.strip() + ("+uncommitted(proxy/,diagnostics/)" if dirty else "")
 
 
-def _env(tree: Path) -> dict[str, str]:
+def _env(tree: Path, pure: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(tree)
     env.pop("PYTHONSTARTUP", None)
+    env.pop("GATEWISE_PURE", None)
+    if pure:
+        env["GATEWISE_PURE"] = "1"  # the hot path as plain Python, even where it is built
     return env
 
 
@@ -458,7 +463,7 @@ http {{
         self._start_nginx("backend", conf, port, self.load_cpu)
         return self.backend
 
-    def start_gatewise(self, name: str, src: Path, workers: int = 1) -> Target:
+    def start_gatewise(self, name: str, src: Path, workers: int = 1, pure: bool = False) -> Target:
         self._n += 1
         tag = f"gatewise{self._n}"
         (self.tmp / tag).mkdir()
@@ -488,15 +493,18 @@ url = "http://127.0.0.1:{self.backend.port}"
         # workers > 1 is about using more than one core: the supervisor and its workers are
         # not pinned (they share the machine with the backend and wrk)
         pin = self.pin(self.proxy_cpu) if workers == 1 else []
-        proc = self._spawn(pin + [self.python, "-m", "proxy", "run", "-c", str(cfg)], log, cwd=src, env=_env(src))
+        proc = self._spawn(pin + [self.python, "-m", "proxy", "run", "-c", str(cfg)], log, cwd=src,
+                           env=_env(src, pure))
         m = _wait_log(log, r'"event":\s*"listening".*?"address":\s*"127\.0\.0\.1:(\d+)".*?'
                            r'"admin":\s*"127\.0\.0\.1:(\d+)"', proc, name)
         port, admin = int(m[1]), int(m[2])
+        hot_path = re.search(r'"hot_path":\s*"([^"]*)"', log.read_text())  # (older trees do not say)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5)
         if metrics.status != 200:
             raise BenchError(f"{name}: admin /metrics answered {metrics.status}")
         return Target(name, "gatewise", port, proc, {"src": str(src), "commit": _commit(src), "admin_port": admin,
-                                                    "workers": workers, "config": cfg.read_text()})
+                                                    "workers": workers, "config": cfg.read_text(),
+                                                    "hot_path": hot_path[1] if hot_path else "plain Python"})
 
     def start_nginx_proxy(self) -> Target:
         port = _free_port()
@@ -556,9 +564,10 @@ backend be
         base = self.tmp / name
         base.mkdir(exist_ok=True)
         log = base / "stderr.log"
-        # this checkout's gatewise pieces (floor --features uses some), whatever --src says
+        # this checkout's gatewise pieces (floor --features uses some), whatever --src says,
+        # as plain Python like the rest of the floor
         proc = self._spawn(self.pin(self.proxy_cpu) + floor.command(self.python, self.backend.port, features),
-                           log, cwd=ROOT, env=_env(ROOT))
+                           log, cwd=ROOT, env=_env(ROOT, pure=True))
         port = int(_wait_log(log, floor.READY, proc, name)[1])
         return Target(name, "floor", port, proc, {"features": features})
 
@@ -818,9 +827,10 @@ def main(argv: list[str] | None = None) -> int:
                         "every target also gets 1 s of GET / c50 after it starts")
     p.add_argument("--scenario", action="append", choices=[s.name for s in SCENARIOS],
                    help="run only this scenario (repeatable; default: all)")
-    p.add_argument("--targets", default="direct,gatewise,gatewise-w2,nginx,haproxy,floor,floor+features",
-                   help="comma-separated subset of direct,gatewise,gatewise-w2,nginx,haproxy,floor,floor+features "
-                        "(default: all; gatewise-w2 is gatewise with listen.workers = 2, not pinned; haproxy "
+    p.add_argument("--targets", default="direct,gatewise,gatewise-py,gatewise-w2,nginx,haproxy,floor,floor+features",
+                   help="comma-separated subset of direct,gatewise,gatewise-py,gatewise-w2,nginx,haproxy,floor,"
+                        "floor+features (default: all; gatewise-py is gatewise as plain Python (GATEWISE_PURE=1); "
+                        "gatewise-w2 is gatewise with listen.workers = 2, not pinned; haproxy "
                         "only when installed; floor is benchmarks/floor.py, a featureless Python forwarder, and "
                         "floor+features the same with gatewise's per-request feature work inline)")
     p.add_argument("--src", action="append", type=Path, metavar="DIR",
@@ -838,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
     scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
     wanted = {t.strip() for t in args.targets.split(",") if t.strip()}
-    unknown = wanted - {"direct", "gatewise", "gatewise-w2", "nginx", "haproxy", "floor", "floor+features"}
+    unknown = wanted - {"direct", "gatewise", "gatewise-py", "gatewise-w2", "nginx", "haproxy", "floor", "floor+features"}
     if unknown:
         p.error(f"--targets: unknown {', '.join(sorted(unknown))}")
 
@@ -850,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     if "haproxy" in wanted and "haproxy" not in tools:
         print("bench: haproxy is not installed; its column is skipped (this script never installs it)",
               file=sys.stderr)
-    srcs = [s.resolve() for s in (args.src or [ROOT])] if wanted & {"gatewise", "gatewise-w2"} else []
+    srcs = [s.resolve() for s in (args.src or [ROOT])] if wanted & {"gatewise", "gatewise-py", "gatewise-w2"} else []
     for tree in dict.fromkeys(srcs):
         problem = _check_imports(args.python, tree)
         if problem:
@@ -882,6 +892,8 @@ def main(argv: list[str] | None = None) -> int:
     if "gatewise" in wanted:
         for name, src in zip(gw_names, srcs):
             starters[name] = functools.partial(lab.start_gatewise, name, src)
+    if "gatewise-py" in wanted:
+        starters["gatewise-py"] = functools.partial(lab.start_gatewise, "gatewise-py", srcs[-1], pure=True)
     if "gatewise-w2" in wanted:
         starters["gatewise-w2"] = functools.partial(lab.start_gatewise, "gatewise-w2", srcs[-1], workers=2)
     if "nginx" in wanted:

@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bytecodes.py [--connections 10] [--requests 100] [--top 40]
 
-profile.py counts the machine instructions of a request but cannot say which Python
+It counts the plain-Python hot path (GATEWISE_PURE=1: the compiled build runs no
+bytecodes). profile.py counts the machine instructions of a request but cannot say which Python
 function spent them (CPython 3.11's frames are invisible to callgrind). This counts the
 other way round: every bytecode the interpreter executes for gatewise, attributed to
 its function, through `sys.settrace` with opcode events. Deterministic like profile.py
@@ -37,6 +38,9 @@ import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Bytecodes exist only where the hot path runs as Python: never load the compiled build
+# here (set before anything imports proxy).
+os.environ["GATEWISE_PURE"] = "1"
 
 
 def _profile_module():

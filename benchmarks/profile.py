@@ -18,8 +18,10 @@ epoll) is invisible to callgrind; `bench.py`'s CPU µs/request includes it.
 4. prints Ir (instructions) per request, and where the callgrind file is, for
    `callgrind_annotate FILE` (`--inclusive=yes` for the call tree).
 
-`--target floor` and `--target floor+features` count benchmarks/floor.py instead (without
-and with `--features`), the same way: the reference points for gatewise's count.
+gatewise runs as built (compiled by mypyc: setup.py); `--pure` counts its plain-Python
+hot path (GATEWISE_PURE=1). `--target floor` and `--target floor+features` count
+benchmarks/floor.py instead (without and with `--features`, plain Python), the same way:
+the reference points for gatewise's count.
 `--ablate stats,timers,...` stubs components out first (benchmarks/ablate/sitecustomize.py
 lists them): the drop in the count is what they cost.
 
@@ -101,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--target", choices=("gatewise", "floor", "floor+features"), default="gatewise")
     p.add_argument("--ablate", default="", metavar="NAMES",
-                   help="comma-separated components to stub out (benchmarks/ablate/sitecustomize.py)")
+                   help="comma-separated components to stub out (benchmarks/ablate/sitecustomize.py); "
+                        "implies --pure (a stub cannot replace what compiled code calls directly)")
+    p.add_argument("--pure", action="store_true",
+                   help="gatewise's hot path as plain Python (GATEWISE_PURE=1), not compiled")
     args = p.parse_args(argv)
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
@@ -109,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     src = args.src.resolve()
     env = {**os.environ, "PYTHONPATH": str(src), "PYTHONHASHSEED": "0"}
-    gw_env = env
+    env.pop("GATEWISE_PURE", None)
+    # The floor is plain Python whatever is built, as in bench.py
+    gw_env = {**env, "GATEWISE_PURE": "1"} if args.pure or args.ablate or args.target != "gatewise" else env
     if args.ablate:
         if args.target != "gatewise":
             p.error("--ablate applies to --target gatewise only")
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(args.ablate.split(",")) - set(names)
         if unknown:
             p.error(f"--ablate: {', '.join(sorted(unknown))} not in {', '.join(names)} ({ABLATE_STUBS})")
-        gw_env = {**env, "PYTHONPATH": f"{ABLATE_STUBS.parent}{os.pathsep}{src}",
+        gw_env = {**gw_env, "PYTHONPATH": f"{ABLATE_STUBS.parent}{os.pathsep}{src}",
                   "ABLATE": args.ablate}
     tmp = Path(tempfile.mkdtemp(prefix="gatewise-profile-"))
     procs: list[subprocess.Popen] = []
@@ -156,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"no callgrind totals in {tmp}")
         n = args.connections * args.requests
         ablated = f", without {args.ablate}" if args.ablate else ""
+        hot = re.search(r'"hot_path":"([^"]*)"', log.read_text()) if args.target == "gatewise" else None
+        ablated += f", hot path {hot[1]}" if hot else ""
         print(f"{max(totals) / n:,.0f} instructions per request ({args.target}{ablated}, {args.connections} "
               f"connections x {args.requests} GET /, {src})")
         print(f"callgrind file: {max(dumps, key=lambda f: f.stat().st_size)}")

@@ -26,6 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+from proxy import compiled
 from proxy.config import ConfigError, parse_address, parse_config, to_toml
 
 DEFAULT_LISTEN_PORT = 8080
@@ -209,7 +210,7 @@ async def _demo(listen: str, admin: str, listen_port: int, config_dir: str) -> i
             raise PortBusy(cfg.admin.port, "admin listener",
                            "choose another with --admin, e.g. --admin 127.0.0.1:9902") from None
         log_event("listening", address=server.address, admin=server.admin.address,
-                  parser=server.proxy.parser_kind, config=config_path,
+                  parser=server.proxy.parser_kind, hot_path=compiled.describe(), config=config_path,
                   pools={n: [s.url for s in p.servers] for n, p in server.proxy.pools.items()})
         print(_banner(server, ups, config_path), flush=True)
         await stop.wait()

@@ -15,16 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import traceback
-from time import perf_counter
 from collections import deque
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
 
 from proxy import headers as H
 from proxy.codec import make_request_parser
+from proxy.codec.base import Headers, RequestHead
 from proxy.errors import BadRequest, ClientFault, ClientTimeout, ProxyError, RequestBodyTooLarge
 from proxy.exchange import Exchange
 from proxy.flow import HIGH_WATER, LOW_WATER, QUEUED, Deadline, ReadGate
 from proxy import forward
 from proxy.logs import log_event
+
+if TYPE_CHECKING:
+    from proxy.server import Proxy
 
 IDLE, HEAD, BUSY = "idle", "head", "busy"
 
@@ -39,16 +44,16 @@ class _Rejection:
         self.error = error
 
 
-class DownstreamProtocol(asyncio.Protocol):
+class DownstreamProtocol:
     __slots__ = ("proxy", "loop", "transport", "gate", "client_ip", "_parser", "_timer", "state",
                  "current", "receiving", "queue", "closing", "_wbuf", "out", "_write_paused",
                  "_closed", "_tunnel", "_refused_head", "_head_deadline", "_next_waits", "_flush_pending")
 
-    def __init__(self, proxy) -> None:
+    def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.loop = proxy.loop
-        self.transport: asyncio.Transport | None = None
-        self.gate: ReadGate | None = None
+        self.transport: Any = None  # asyncio.Transport (Any: see flow.ReadGate)
+        self.gate = ReadGate()
         self.client_ip = b"unknown"
         self._parser = make_request_parser(proxy.parser_kind, self,
                                            proxy.cfg.limits.max_request_header_bytes)
@@ -73,7 +78,7 @@ class DownstreamProtocol(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.gate = ReadGate(transport)
+        self.gate.attach(transport)
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         peer = transport.get_extra_info("peername")
         if peer:
@@ -160,7 +165,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._rearm()
 
     # -- codec events ------------------------------------------------------------------
-    def on_request_head(self, head) -> None:
+    def on_request_head(self, head: RequestHead) -> None:
         proxy = self.proxy
         H.scan_request(head, proxy.proxy_name_b)
         ex = Exchange(self, head, perf_counter())
@@ -185,14 +190,16 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def on_request_body(self, data: bytes) -> None:
         ex = self.receiving
+        assert ex is not None  # (the codec calls this only after on_request_head)
         limit = self.proxy.cfg.limits.max_request_body_bytes
         if limit and ex.body_received + len(data) > limit:
             raise RequestBodyTooLarge(f"request body over limits.max_request_body_bytes = {limit}")
         self._timer.extend(self.loop.time() + self.proxy.cfg.timeouts.client_idle)
         ex.on_client_body(data)
 
-    def on_request_end(self, trailers) -> None:
+    def on_request_end(self, trailers: Headers) -> None:
         ex = self.receiving
+        assert ex is not None
         if not ex.body_complete:
             ex.on_client_end(trailers)
             self._rearm()
@@ -303,6 +310,7 @@ class DownstreamProtocol(asyncio.Protocol):
         """An upgrade request's head is parsed: hold any bytes after it until the
         upstream agrees (101) or answers normally (then the connection closes after)."""
         ex = self.receiving
+        assert ex is not None
         ex.tunnel_rest = rest  # not HTTP: sent only once the upstream has switched
         self.gate.pause(QUEUED)
         ex.keep_alive = False
@@ -319,7 +327,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.gate.resume(QUEUED)
 
     def _tunnel_send(self, data: bytes) -> None:
-        conn = self._tunnel.conn
+        conn = self._tunnel.conn if self._tunnel is not None else None
         if conn is not None:
             conn.transport.write(data)
 

@@ -20,11 +20,19 @@ from __future__ import annotations
 
 import asyncio
 from time import perf_counter
+from typing import TYPE_CHECKING
 
 from proxy import headers as H
 from proxy.headers import CHUNKED
 from proxy.errors import AwaitingHead, ProxyError, ResponseIncomplete, UnsupportedTransferCoding
 from proxy.flow import BUFFERING, HIGH_WATER, PEER_FULL
+
+if TYPE_CHECKING:
+    from proxy.codec.base import Headers, RequestHead, ResponseHead
+    from proxy.downstream import DownstreamProtocol
+    from proxy.forward import Attempt
+    from proxy.server import PoolRuntime
+    from proxy.upstream_conn import UpstreamConnection
 
 # Request bodies up to this size are kept for a retry on another server.
 REPLAY_LIMIT = 64 * 1024
@@ -36,13 +44,13 @@ class Exchange:
                  "committed", "finished", "framing", "keep_alive", "status", "attempts", "tunnel_rest",
                  "pool", "head_at", "head_bytes", "fast")
 
-    def __init__(self, client, head, started: float) -> None:
+    def __init__(self, client: DownstreamProtocol, head: RequestHead, started: float) -> None:
         self.client = client
         self.head = head  # scanned (headers.scan_request)
         self.target = head.target
         self.started = started
         self.task: asyncio.Task | None = None
-        self.conn = None
+        self.conn: UpstreamConnection | None = None
         self._waiter: asyncio.Future | None = None
         # request body
         self.body_chunks: list[bytes] = []   # framed, as the upstream will see them
@@ -56,12 +64,12 @@ class Exchange:
         self.framing = H.NO_BODY
         self.keep_alive = head.keep_alive
         self.status = 0
-        self.attempts: list[dict] = []
+        self.attempts: list[dict[str, object]] = []
         self.tunnel_rest = b""  # client bytes after an Upgrade head, held until the 101
-        self.pool = None  # the PoolRuntime it was routed to
+        self.pool: PoolRuntime | None = None  # the pool it was routed to
         self.head_at = 0.0  # perf_counter when the final (or 101) response head arrived
         self.head_bytes = b""  # the head sent upstream (forward.py builds it once per exchange)
-        self.fast = None  # forward.Attempt when the fast path owns the attempt (no task waits)
+        self.fast: Attempt | None = None  # when the fast path owns the attempt (no task waits)
 
     # -- request body, from the client ------------------------------------------------
     def on_client_body(self, data: bytes) -> None:
@@ -70,7 +78,7 @@ class Exchange:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         self._body_out(data)
 
-    def on_client_end(self, trailers) -> None:
+    def on_client_end(self, trailers: Headers) -> None:
         if self.head.framing == H.CHUNKED:
             self._body_out(H.trailer_block(trailers))
         self.body_complete = True
@@ -96,7 +104,7 @@ class Exchange:
         self.body_chunks = []
 
     # -- attempts, from forward.py -------------------------------------------------------
-    def begin(self, conn, head_bytes: bytes) -> asyncio.Future:
+    def begin(self, conn: UpstreamConnection, head_bytes: bytes) -> asyncio.Future[None]:
         """Send the request on conn; the future completes with the response or fails."""
         # the client's loop, not asyncio.get_running_loop(): on CPython 3.11 that costs a
         # getpid() syscall per call (measured: 7% of samples on the hot path)
@@ -104,7 +112,7 @@ class Exchange:
         self.send(conn, head_bytes)
         return fut
 
-    def send(self, conn, head_bytes: bytes, later: bool = False) -> None:
+    def send(self, conn: UpstreamConnection, head_bytes: bytes, later: bool = False) -> None:
         """Send the request on conn (plus the body received so far); `later`: see
         UpstreamConnection.begin."""
         self.conn = conn
@@ -126,7 +134,7 @@ class Exchange:
         self.client.gate.resume(PEER_FULL)  # a pause caused by that upstream ends with it
 
     # -- response, from the upstream connection ----------------------------------------
-    def on_upstream_head(self, conn, head) -> None:
+    def on_upstream_head(self, conn: UpstreamConnection, head: ResponseHead) -> None:
         client = self.client
         proxy = client.proxy
         status = head.status
@@ -172,7 +180,7 @@ class Exchange:
         else:
             self.client.out(data)
 
-    def on_upstream_end(self, conn, trailers) -> None:
+    def on_upstream_end(self, conn: UpstreamConnection, trailers: Headers) -> None:
         if self.framing == H.CHUNKED:
             self.client.out(H.trailer_block(trailers))
         self.finished = True
@@ -188,7 +196,7 @@ class Exchange:
             self._waiter.set_result(None)
         client.exchange_done(self)
 
-    def on_upstream_failed(self, conn, exc: ProxyError) -> None:
+    def on_upstream_failed(self, conn: UpstreamConnection, exc: ProxyError) -> None:
         if conn is not self.conn:
             return
         self.conn = None
@@ -202,14 +210,14 @@ class Exchange:
             self._waiter.set_exception(exc)
 
     # -- tunnel (Upgrade, RFC 9110 §7.8) ---------------------------------------------------
-    def on_tunnel_open(self, conn, rest: bytes) -> None:
+    def on_tunnel_open(self, conn: UpstreamConnection, rest: bytes) -> None:
         self.client.open_tunnel(self, rest)
 
     def on_tunnel_data(self, data: bytes) -> None:
         self.client.out(data)
         self.client.flush()
 
-    def on_tunnel_eof(self, conn) -> None:
+    def on_tunnel_eof(self, conn: UpstreamConnection) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
         self.finished = True

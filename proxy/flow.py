@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 # Write-buffer watermarks for every transport gatewise owns. 64 KiB high water keeps the
 # bytes held per direction per connection small (backpressure target: a slow client
@@ -141,11 +142,17 @@ BUFFERING = 4    # request body bytes held while no upstream connection is ready
 class ReadGate:
     __slots__ = ("_transport", "reasons")
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: Any = None) -> None:
+        # the transport to pause (None until the connection is made: nothing to pause yet).
+        # Any: uvloop's transports are not asyncio.Transport subclasses that a compiled
+        # class could check (see setup.py).
         self._transport = transport
         # Why reading is paused (bits above; 0: reading). Read-only outside: a caller on the
         # hot path tests it to skip a resume() that would do nothing.
         self.reasons = 0
+
+    def attach(self, transport: Any) -> None:
+        self._transport = transport
 
     def pause(self, reason: int) -> None:
         if not self.reasons:

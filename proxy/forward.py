@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import traceback
 from time import perf_counter
+from typing import TYPE_CHECKING
 
 from diagnostics.causes import INFO
 from diagnostics.classify import classify
@@ -49,8 +50,20 @@ from proxy.errors import (AwaitingHead, BadRequest, ClientDisconnected, Configur
 from proxy.logs import log_event, log_server_state
 from proxy.router import split_target, rewrite_target
 
+if TYPE_CHECKING:
+    from proxy.exchange import Exchange
+    from proxy.server import PoolRuntime, Proxy
+    from proxy.servers import ServerState
 
-def _may_retry(exc: ProxyError, ex, retry_non_idempotent: bool) -> bool:
+
+# Every forward() task's name: asyncio's debug output, and tests, find them by it (a
+# compiled coroutine has no code object to recognise). A task the fast path handed its
+# failure to is named after that failure.
+TASK_NAME = "gatewise.forward"
+HANDED_OVER = TASK_NAME + " after "
+
+
+def _may_retry(exc: ProxyError, ex: Exchange, retry_non_idempotent: bool) -> bool:
     if ex.committed or not ex.replayable:
         return False
     if INFO[classify(exc)].retry_safe:  # nothing reached the upstream
@@ -66,7 +79,7 @@ class Attempt:
 
     __slots__ = ("proxy", "pool", "server", "started", "trial", "conn", "failure", "race_retry")
 
-    def __init__(self, proxy, pool, server, now: float, started: float) -> None:
+    def __init__(self, proxy: Proxy, pool: PoolRuntime, server: ServerState, now: float, started: float) -> None:
         self.proxy = proxy
         self.pool = pool
         self.server = server
@@ -80,18 +93,18 @@ class Attempt:
         self.failure: ProxyError | None = None  # how the fast path's send failed, for the task to judge
         self.race_retry = True
 
-    def keepalive_race(self, ex) -> bool:
+    def keepalive_race(self, ex: Exchange) -> bool:
         """The keep-alive race (module docstring): True, once, when the failure was a close
         or reset of a reused connection before any byte (never a timeout)."""
         conn = self.conn
-        if (self.race_retry and conn.reused and not conn.bytes_seen and ex.replayable
+        if (self.race_retry and conn is not None and conn.reused and not conn.bytes_seen and ex.replayable
                 and (conn.held or ex.head.idempotent or self.pool.retry_non_idempotent)):
             self.race_retry = False
             self.proxy.recorder.keepalive_race_retries += 1
             return True
         return False
 
-    def succeeded(self, ex) -> None:
+    def succeeded(self, ex: Exchange) -> None:
         """A response ended the attempt: the server's statistics, and the attempt's end
         (an attempt ends here or in end(), never both)."""
         server = self.server
@@ -99,7 +112,7 @@ class Attempt:
         if change is not None:  # (the call is skipped in steady state: this runs per request)
             log_server_state(self.pool.name, server, change, by="trial request")
 
-    def failed(self, ex, exc: ProxyError) -> None:
+    def failed(self, ex: Exchange, exc: ProxyError) -> None:
         server = self.server
         _note_attempt(ex, server, exc, perf_counter() - self.started)
         info = INFO[classify(exc)]
@@ -108,14 +121,14 @@ class Attempt:
                              server.on_failure(info.token, exc.detail, self.proxy.loop.time(), self.trial),
                              by="passive", error=info.token, details=exc.detail)
 
-    def end(self, ex) -> None:
+    def end(self, ex: Exchange) -> None:
         """The attempt ended without a response: it failed, or it was cancelled."""
         self.server.on_attempt_end(self.trial)
         if not ex.finished:
             ex.detach()
 
     # -- the fast path: the exchange reports here instead of to a task -------------------
-    def on_end(self, ex) -> None:
+    def on_end(self, ex: Exchange) -> None:
         """The response is complete (Exchange.on_upstream_end): what the task's unwinding
         does after a success, in the same order."""
         ex.fast = None
@@ -123,14 +136,15 @@ class Attempt:
         self.pool.in_flight -= 1
         _observe_latency(ex)
 
-    def on_failed(self, ex, exc: ProxyError) -> None:
+    def on_failed(self, ex: Exchange, exc: ProxyError) -> None:
         """The attempt failed (Exchange.on_upstream_failed): the task decides what follows.
         ex.fast stays set until the task runs, so a cancel() before that still ends it."""
         self.failure = exc
-        ex.task = self.proxy.loop.create_task(forward(self.proxy, ex, self))
+        ex.task = self.proxy.loop.create_task(forward(self.proxy, ex, self),
+                                              name=HANDED_OVER + type(exc).__name__)
 
 
-def start(proxy, ex) -> None:
+def start(proxy: Proxy, ex: Exchange) -> None:
     """Serve ex, from the callback that read its head: on the fast path when it applies
     (module docstring), else in a forward() task. (Only requests with nothing left to
     read take the fast path: a body that arrives with its head leaves in the same write,
@@ -149,7 +163,7 @@ def start(proxy, ex) -> None:
             ex.fast = at
             conn = at.conn
             if conn is None:  # a connect to wait for
-                ex.task = proxy.loop.create_task(forward(proxy, ex, at))
+                ex.task = proxy.loop.create_task(forward(proxy, ex, at), name=TASK_NAME)
             else:
                 # Written after this loop iteration's callbacks, as from a task: the requests
                 # read in one iteration then reach the upstreams together, which wake once for
@@ -160,12 +174,12 @@ def start(proxy, ex) -> None:
     start_task(proxy, ex)
 
 
-def start_task(proxy, ex) -> None:
+def start_task(proxy: Proxy, ex: Exchange) -> None:
     """Serve ex in a forward() task (the pipelined requests: see the module docstring)."""
-    ex.task = proxy.loop.create_task(forward(proxy, ex))
+    ex.task = proxy.loop.create_task(forward(proxy, ex), name=TASK_NAME)
 
 
-def cancel(ex) -> None:
+def cancel(ex: Exchange) -> None:
     """Stop serving ex: the client is gone, or downstream answers the request itself (it
     sets ex.finished first). The task is cancelled and unwinds; an attempt the fast path
     still owns is ended here the same way."""
@@ -181,7 +195,7 @@ def cancel(ex) -> None:
         task.cancel()
 
 
-def _cancelled(proxy, ex) -> None:
+def _cancelled(proxy: Proxy, ex: Exchange) -> None:
     # downstream cancels when the client goes away, or (with ex.finished set) when it has
     # already answered the request itself.
     ex.detach()
@@ -190,12 +204,12 @@ def _cancelled(proxy, ex) -> None:
         proxy.record(ex, ClientDisconnected("client closed the connection"))
 
 
-def _observe_latency(ex) -> None:
+def _observe_latency(ex: Exchange) -> None:
     if ex.pool is not None and ex.committed:  # answered, by the upstream or with an error
         ex.pool.request_latency.observe(perf_counter() - ex.started)
 
 
-async def forward(proxy, ex, begun: Attempt | None = None) -> None:
+async def forward(proxy: Proxy, ex: Exchange, begun: Attempt | None = None) -> None:
     """Serve one exchange to completion: a forwarded response, or an error response.
     `begun`: the fast path's attempt, handed over (routed, counted in flight) because it
     needs a connect or failed (`begun.failure`)."""
@@ -227,7 +241,7 @@ async def forward(proxy, ex, begun: Attempt | None = None) -> None:
         _observe_latency(ex)
 
 
-def _route(proxy, ex):
+def _route(proxy: Proxy, ex: Exchange) -> PoolRuntime:
     """The exchange's pool (ex.pool), its upstream target and head (ex.target,
     ex.head_bytes); raises the ProxyError to answer instead."""
     head = ex.head
@@ -260,7 +274,7 @@ def _route(proxy, ex):
     return pool
 
 
-async def _forward(proxy, ex, loop, begun: Attempt | None) -> None:
+async def _forward(proxy: Proxy, ex: Exchange, loop: asyncio.AbstractEventLoop, begun: Attempt | None) -> None:
     if begun is None:
         pool = _route(proxy, ex)
         pool.in_flight += 1
@@ -272,7 +286,8 @@ async def _forward(proxy, ex, loop, begun: Attempt | None) -> None:
         pool.in_flight -= 1
 
 
-async def _attempts(proxy, pool, ex, loop, begun: Attempt | None) -> None:
+async def _attempts(proxy: Proxy, pool: PoolRuntime, ex: Exchange, loop: asyncio.AbstractEventLoop,
+                    begun: Attempt | None) -> None:
     tried: list = []
     allowed = 1 + pool.retries
     last: ProxyError | None = None
@@ -301,7 +316,7 @@ async def _attempts(proxy, pool, ex, loop, begun: Attempt | None) -> None:
             tried.append(at.server)
 
 
-async def _attempt(ex, at: Attempt) -> None:
+async def _attempt(ex: Exchange, at: Attempt) -> None:
     try:
         while True:
             if at.conn is None:
@@ -329,6 +344,6 @@ async def _attempt(ex, at: Attempt) -> None:
     at.succeeded(ex)
 
 
-def _note_attempt(ex, server, exc: ProxyError, elapsed: float) -> None:
+def _note_attempt(ex: Exchange, server: ServerState, exc: ProxyError, elapsed: float) -> None:
     ex.attempts.append({"server": server.address, "error": INFO[classify(exc)].token,
                         "details": exc.detail, "elapsed_ms": round(elapsed * 1000, 2)})

@@ -19,6 +19,7 @@ import random
 import re
 import time
 from binascii import hexlify
+from collections.abc import Set
 from email.utils import formatdate
 from http import HTTPStatus
 
@@ -53,7 +54,7 @@ def _tokens(value: bytes) -> list[bytes]:
     return [t.strip().lower() for t in value.split(b",")]
 
 
-def _names_any(headers: Headers, names: set[bytes]) -> bool:
+def _names_any(headers: Headers, names: Set[bytes]) -> bool:
     """True when a field of `headers` is named in `names` (lowercased)."""
     return any(name.lower() in names for name, _ in headers)
 
@@ -104,7 +105,7 @@ def scan_request(head: RequestHead, proxy_name: bytes) -> RequestHead:
     return head
 
 
-def _scan_fields(head: RequestHead, proxy_name: bytes, drop: frozenset[bytes]) -> set[bytes]:
+def _scan_fields(head: RequestHead, proxy_name: bytes, drop: Set[bytes]) -> Set[bytes]:
     """One pass over the request's fields, leaving out those named in `drop`: sets head's
     scan slots, and returns the names that Connection lists beyond the standard hop-by-hop
     ones. Locals in the loop, one store each at the end: this runs for every request."""

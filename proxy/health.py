@@ -26,11 +26,12 @@ JITTER = 0.1
 class _ProbeTimeouts:
     """UpstreamConnection's timers, all bounded by the check's own timeout."""
 
-    __slots__ = ("response_header", "idle_read")
+    __slots__ = ("response_header", "idle_read", "upstream_idle")
 
     def __init__(self, timeout: float) -> None:
         self.response_header = timeout
         self.idle_read = timeout
+        self.upstream_idle = 0.0  # (a probe's connection is closed, never pooled)
 
 
 class _Probe:
@@ -62,6 +63,15 @@ class _Probe:
         pass
 
     def flush(self) -> None:
+        pass
+
+    def on_tunnel_open(self, conn, rest: bytes) -> None:  # (a probe asks for no Upgrade)
+        pass
+
+    def on_tunnel_data(self, data: bytes) -> None:
+        pass
+
+    def on_tunnel_eof(self, conn) -> None:
         pass
 
 

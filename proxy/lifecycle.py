@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
+from proxy import compiled
 from proxy.config import ConfigError, ProxyConfig
 from proxy.logs import log_event
 from proxy.memory import keep_read_buffers
@@ -71,7 +72,7 @@ async def _serve(cfg: ProxyConfig, reload_config) -> int:
     except OSError as exc:
         log_event("listen_failed", address=cfg.listen.address, error=str(exc))
         return 1
-    log_event("listening", **runner.listening_fields(),
+    log_event("listening", **runner.listening_fields(), hot_path=compiled.describe(),
               pools={n: [s.url for s in p.servers] for n, p in runner.proxy.pools.items()}, config=cfg.source)
     await stop.wait()
     log_event("draining", grace_s=runner.cfg.timeouts.shutdown_grace, **runner.status_fields())

@@ -12,6 +12,18 @@
 
 from __future__ import annotations
 
+from typing import Generic, Protocol, TypeVar
+
+
+class Pooled(Protocol):
+    """What the pool needs of a connection (upstream_conn.UpstreamConnection)."""
+
+    @property
+    def alive(self) -> bool: ...
+
+
+C = TypeVar("C", bound=Pooled)
+
 # Retire pooled connections this long before the upstream's advertised idle timeout.
 KEEPALIVE_MARGIN = 1.0
 # Idle connections kept per server. Above the client concurrency, every response would
@@ -27,20 +39,20 @@ def idle_expiry(now: float, upstream_idle: float, advertised: float | None) -> f
     return now + limit
 
 
-class IdlePool:
+class IdlePool(Generic[C]):
     __slots__ = ("_idle", "max_idle")
 
     def __init__(self, max_idle: int = MAX_IDLE_PER_SERVER) -> None:
-        self._idle: list = []  # [(conn, expires_at)], newest last
+        self._idle: list[tuple[C, float]] = []  # newest last
         self.max_idle = max_idle
 
     def __len__(self) -> int:
         return len(self._idle)
 
-    def take(self, now: float):
+    def take(self, now: float) -> tuple[C | None, tuple[C, ...]]:
         """(a usable idle connection or None, connections to close: a shared empty tuple
         when there are none, the per-request case)."""
-        stale = ()
+        stale: tuple[C, ...] = ()
         idle = self._idle
         while idle:
             conn, expires = idle.pop()
@@ -49,7 +61,7 @@ class IdlePool:
             stale += (conn,)
         return None, stale
 
-    def put(self, conn, expires: float, now: float) -> list:
+    def put(self, conn: C, expires: float, now: float) -> tuple[C, ...]:
         """Keep conn until `expires`; returns connections to close (conn itself when it
         is already past its expiry, or the oldest ones over max_idle)."""
         if expires <= now:
@@ -61,14 +73,14 @@ class IdlePool:
             return (oldest,)
         return ()
 
-    def discard(self, conn) -> None:
+    def discard(self, conn: C) -> None:
         """conn closed while idle (the upstream hung up): forget it."""
         for i, (c, _) in enumerate(self._idle):
             if c is conn:
                 del self._idle[i]
                 return
 
-    def drain(self) -> list:
+    def drain(self) -> list[C]:
         conns = [c for c, _ in self._idle]
         self._idle.clear()
         return conns

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from diagnostics.metrics import Histogram
+from proxy.compiled import mypyc_attr
 
 
 class State(StrEnum):
@@ -121,6 +122,7 @@ class LatencyWindow:
         return nearest_rank(self._ring[:self._count])
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # cluster.SharedServerState, test doubles
 class ServerState:
     __slots__ = ("url", "host", "port", "address", "weight", "backup", "policy", "state",
                  "active_requests", "requests_total", "failures_total", "failures_by_cause",

@@ -24,6 +24,7 @@ import errno
 import ssl
 import traceback
 from time import perf_counter
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.codec import make_response_parser
 from proxy.errors import (BodyReadTimeout, TlsProtocolError, ConnectionTerminated, ConnectRefused, ConnectTimeout,
@@ -31,8 +32,12 @@ from proxy.errors import (BodyReadTimeout, TlsProtocolError, ConnectionTerminate
                           UpstreamProtocolError, WriteTimeout)
 from proxy.flow import HIGH_WATER, LOW_WATER, Deadline, Outbox
 from proxy.logs import log_event
-from proxy.pool import idle_expiry
+from proxy.pool import IdlePool, idle_expiry
 from proxy.tls import translate, translate_after_handshake
+
+if TYPE_CHECKING:
+    from proxy.codec.base import Headers, ResponseHead
+    from proxy.servers import ServerState
 
 IDLE, SENDING, WAITING, BODY, CLOSED = "idle", "sending", "waiting", "body", "closed"
 
@@ -96,27 +101,55 @@ async def connect(loop: asyncio.AbstractEventLoop, ip: str, port: int, timeout: 
     return conn
 
 
-class UpstreamConnection(asyncio.Protocol):
+class Peer(Protocol):
+    """What a connection reports its exchange's events to: an Exchange, or a health probe
+    (health.py). (A Protocol, not the Exchange class: a compiled class checks the type of
+    what it is given, and a probe is no Exchange.)"""
+
+    def on_upstream_head(self, conn: UpstreamConnection, head: ResponseHead) -> None: ...
+    def on_upstream_body(self, data: bytes) -> None: ...
+    def on_upstream_end(self, conn: UpstreamConnection, trailers: Headers) -> None: ...
+    def on_upstream_failed(self, conn: UpstreamConnection, exc: ProxyError) -> None: ...
+    def on_tunnel_open(self, conn: UpstreamConnection, rest: bytes) -> None: ...
+    def on_tunnel_data(self, data: bytes) -> None: ...
+    def on_tunnel_eof(self, conn: UpstreamConnection) -> None: ...
+    def pause_client_reading(self) -> None: ...
+    def resume_client_reading(self) -> None: ...
+    def flush(self) -> None: ...
+
+
+class Timeouts(Protocol):
+    """The timers' lengths in seconds: config.TimeoutsConfig, or a probe's (health.py)."""
+
+    @property
+    def response_header(self) -> float: ...
+    @property
+    def idle_read(self) -> float: ...
+    @property
+    def upstream_idle(self) -> float: ...
+
+
+class UpstreamConnection:
     __slots__ = ("_loop", "_outbox", "_parser", "_timer", "_timeouts", "transport", "state", "exchange",
                  "server", "reused", "head_seen", "request_done", "alive", "idle_pool",
                  "keepalive_timeout", "upstream_keep_alive", "_client_paused", "bytes_seen", "_tunnel", "held")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, server, parser_kind: str,
-                 max_head_bytes: int, timeouts, outbox: Outbox) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, server: ServerState, parser_kind: str,
+                 max_head_bytes: int, timeouts: Timeouts, outbox: Outbox) -> None:
         self._loop = loop
         self._outbox = outbox
         self._parser = make_response_parser(parser_kind, self, max_head_bytes)
         self._timer = Deadline(loop, self._on_deadline)
         self._timeouts = timeouts
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None  # asyncio.Transport (Any: see flow.ReadGate)
         self.state = IDLE
-        self.exchange = None
+        self.exchange: Peer | None = None
         self.server = server
         self.reused = False
         self.head_seen = False
         self.request_done = False
         self.alive = False
-        self.idle_pool = None  # the server's IdlePool, set by whoever opened this connection
+        self.idle_pool: IdlePool[UpstreamConnection] | None = None  # the server's, set by whoever opened this connection
         self.keepalive_timeout: float | None = None
         self.upstream_keep_alive = True
         self._client_paused = False
@@ -132,7 +165,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         ex = self.exchange
-        if self._tunnel:
+        if self._tunnel and ex is not None:
             ex.on_tunnel_data(data)
             return
         if ex is None:  # bytes on an idle connection: the upstream is confused; drop it
@@ -179,7 +212,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         ex = self.exchange
-        if self._tunnel:
+        if self._tunnel and ex is not None:
             ex.on_tunnel_eof(self)
             return True
         if ex is not None and self.head_seen and self._parser.feed_eof():
@@ -221,7 +254,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange.resume_client_reading()
 
     # -- driven by the exchange --------------------------------------------------------
-    def begin(self, exchange, method: bytes, data: bytes, complete: bool, upgrade: bool = False,
+    def begin(self, exchange: Peer, method: bytes, data: bytes, complete: bool, upgrade: bool = False,
               later: bool = False) -> None:
         """Bind to an exchange and send the request head (plus any buffered body). `later`:
         write it once the callbacks of this loop iteration have run (flow.Outbox), as a
@@ -279,6 +312,7 @@ class UpstreamConnection(asyncio.Protocol):
         now = self._loop.time()
         expires = idle_expiry(now, self._timeouts.upstream_idle, self.keepalive_timeout)
         self._timer.set(expires)
+        assert self.idle_pool is not None  # (set by whoever opened this connection)
         for c in self.idle_pool.put(self, expires, now):
             c.close()
 
@@ -298,7 +332,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
     # -- parser events -------------------------------------------------------------------
-    def on_response_head(self, head) -> None:
+    def on_response_head(self, head: ResponseHead) -> None:
         if self.exchange is None:  # bytes after a complete response: never ours to relay
             raise UpstreamProtocolError("response bytes with no request outstanding")
         # The exchange may refuse the head (it raises a typed error); only a head it
@@ -309,12 +343,16 @@ class UpstreamConnection(asyncio.Protocol):
             self.state = BODY  # its timer is set once the read is parsed (data_received)
 
     def on_response_body(self, data: bytes) -> None:
-        self.exchange.on_upstream_body(data)
+        ex = self.exchange
+        assert ex is not None  # (on_response_head refused a head with no exchange)
+        ex.on_upstream_body(data)
 
-    def on_response_end(self, trailers) -> None:
+    def on_response_end(self, trailers: Headers) -> None:
         # No timer move here: the exchange now releases this connection, which pools it
         # (re-arming the timer for idleness) or closes it (cancelling it).
-        self.exchange.on_upstream_end(self, trailers)
+        ex = self.exchange
+        assert ex is not None
+        ex.on_upstream_end(self, trailers)
 
     # -- failures -------------------------------------------------------------------------
     def _lost(self, why: str) -> None:

@@ -4,6 +4,8 @@
 - `upstream(mode, **opts)`: a started diagnostics.faults.FaultServer, closed at teardown.
 - `gateway(servers, **config)`: a started proxy on 127.0.0.1:0 in this event loop.
 - `http(port, ...)`: a strict client (h11 parses the answer) returning a Reply.
+- The hot path runs as built: compiled (setup.py), or plain Python with GATEWISE_PURE=1;
+  the header says which, and a build older than its sources is refused.
 - Event loop: uvloop by default (what `gatewise run` uses); tests marked `both_loops`
   also run on plain asyncio.
 """
@@ -19,9 +21,32 @@ import pytest
 import uvloop
 
 from diagnostics.faults import FaultServer
+from proxy import compiled
 from proxy.config import parse_config
 from proxy.server import Server
 from tests.sfparse import Token, parse_list
+
+
+def pytest_configure(config):
+    """Python loads a built extension before its .py: tests of edited sources would run the
+    old compiled code (proxy/compiled.py)."""
+    stale = compiled.stale()
+    if stale:
+        raise pytest.UsageError(f"changed since the compiled build: {', '.join(stale)}. Rebuild "
+                                f"(`make test` does; or .venv/bin/pip install -e .), or run with GATEWISE_PURE=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if compiled.is_compiled():
+        skip = pytest.mark.skip(reason="patches what compiled code calls directly: "
+                                       "runs in the plain-Python pass (GATEWISE_PURE=1)")
+        for item in items:
+            if item.get_closest_marker("pure_python"):
+                item.add_marker(skip)
+
+
+def pytest_report_header(config):
+    return f"gatewise hot path: {compiled.describe()}"
 
 
 def pytest_asyncio_loop_factories(config, item):

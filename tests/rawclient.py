@@ -122,11 +122,7 @@ async def until(check, what: str, timeout: float = 3.0):
 
 
 def forward_tasks() -> list[asyncio.Task]:
-    """Tasks running proxy.forward.forward (matched by code object, not by name: a test
-    whose own name contains "forward" must not count)."""
-    out = []
-    for task in asyncio.all_tasks():
-        code = getattr(task.get_coro(), "cr_code", None)
-        if code is not None and code.co_name == "forward" and code.co_filename.endswith("forward.py"):
-            out.append(task)
-    return out
+    """Tasks running proxy.forward.forward, by the name forward.py gives each (a compiled
+    coroutine has no code object to match)."""
+    from proxy.forward import TASK_NAME
+    return [task for task in asyncio.all_tasks() if task.get_name().startswith(TASK_NAME)]

@@ -16,6 +16,20 @@ class RequestHead:
                  "host", "framing", "content_length", "idempotent", "looped", "accept", "te_trailers",
                  "problem", "fields", "xff", "via_seen", "request_id_bytes")
 
+    # (declared for the type checker and for mypyc, which compiles this class: see setup.py)
+    host: bytes | None
+    framing: int
+    content_length: int
+    idempotent: bool
+    looped: bool
+    accept: bytes | None
+    te_trailers: bool
+    problem: str | None
+    fields: list[bytes]
+    xff: bytes | None
+    via_seen: bytes | None
+    request_id_bytes: bytes
+
     def __init__(self, method: bytes, target: bytes, version: bytes, headers: Headers,
                  keep_alive: bool, upgrade: bool) -> None:
         self.method = method        # b"GET"
@@ -43,6 +57,13 @@ class ResponseHead:
                  "upstream_keep_alive",  # the upstream said its connection may be reused
                  "keepalive_timeout",    # from the upstream's Keep-Alive: timeout= (or None)
                  "problem")              # why this response cannot be forwarded (or None)
+
+    rewritten: bytes
+    framing: int
+    keep_alive: bool
+    upstream_keep_alive: bool
+    keepalive_timeout: float | None
+    problem: str | None
 
     def __init__(self, status: int, reason: bytes, version: bytes, headers: Headers) -> None:
         self.status = status

@@ -30,6 +30,8 @@ Two httptools gaps handled here, and two costs avoided:
 
 from __future__ import annotations
 
+from typing import Any
+
 import httptools
 
 from proxy.codec.base import RequestHead, ResponseHead, fields_size
@@ -57,6 +59,12 @@ class _HeadOnly(Exception):
     """Stops llhttp after the head of a response to HEAD."""
 
 
+def _asked_version(p: Any) -> bytes:
+    """The version as httptools reads it (the fallback: see the module docstring)."""
+    text = p.get_http_version()
+    return _VERSIONS.get(text) or text.encode()
+
+
 def _unwrap(exc: httptools.HttpParserCallbackError) -> BaseException:
     return exc.__context__ if exc.__context__ is not None else exc
 
@@ -66,8 +74,8 @@ class LlhttpRequestParser:
                  "_start")
 
     def __init__(self, handler, max_head_bytes: int) -> None:
-        self._p = httptools.HttpRequestParser(self)
-        self._h = handler
+        self._p: Any = httptools.HttpRequestParser(self)  # None once closed
+        self._h: Any = handler
         self._max = max_head_bytes
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -142,14 +150,13 @@ class LlhttpRequestParser:
         if self._raw > self._max and self._size() > self._max:
             raise RequestHeadersTooLarge(f"request head over {self._max} bytes")
         method = p.get_method()
-        version = None
+        version: bytes | None = None
         start, self._start = self._start, None
         if start is not None and start.startswith(method):
             i = len(method) + 1 + len(self._url)
             version = _REQUEST_LINE_ENDS.get(start[i:i + 11])
         if version is None:
-            version = p.get_http_version()
-            version = _VERSIONS.get(version) or version.encode()
+            version = _asked_version(p)
         head = RequestHead(method, self._url, version, self._headers, p.should_keep_alive(),
                            p.should_upgrade())
         self._headers = []  # later on_header calls are trailers
@@ -174,8 +181,8 @@ class LlhttpResponseParser:
                  "_start")
 
     def __init__(self, handler, max_head_bytes: int) -> None:
-        self._p = httptools.HttpResponseParser(self)
-        self._h = handler
+        self._p: Any = httptools.HttpResponseParser(self)
+        self._h: Any = handler
         self._max = max_head_bytes
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -280,8 +287,7 @@ class LlhttpResponseParser:
         start, self._start = self._start, None
         version = _STATUS_LINE_STARTS.get(start[:9]) if start is not None else None
         if version is None:
-            version = p.get_http_version()
-            version = _VERSIONS.get(version) or version.encode()
+            version = _asked_version(p)
         head = ResponseHead(status, self._reason, version, headers)
         if self._interim:
             self._in_head = True  # the final response head follows

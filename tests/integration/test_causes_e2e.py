@@ -218,6 +218,7 @@ async def test_pool_connection_cap_is_503_connection_limit_reached(upstream, gat
     assert (await first).status == 200
 
 
+@pytest.mark.pure_python  # patches a function that compiled code would call directly
 async def test_a_bug_in_gatewise_is_500_proxy_internal_error(upstream, gateway, monkeypatch, capfd):
     """proxy_internal_error, from a bug injected into our own code (nothing else can make
     one on purpose); the log line carries the traceback."""

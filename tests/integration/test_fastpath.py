@@ -72,19 +72,23 @@ async def one_pooled(gw, client: Raw):
 
 
 @pytest.fixture
-def handed_over(monkeypatch):
-    """The failures the fast path handed to a task (Attempt.on_failed runs only there):
-    proof that a failure happened on the fast path, where the outcome alone would look the
-    same from the task path."""
-    calls: list[str] = []
-    original = forward.Attempt.on_failed
+async def handed_over():
+    """The failures the fast path handed to a task (Attempt.on_failed names the task it
+    creates after the failure): proof that a failure happened on the fast path, where the
+    outcome alone would look the same from the task path. Call it for the list."""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_task_factory()
+    tasks: list[asyncio.Task] = []
 
-    def record(self, ex, exc):
-        calls.append(type(exc).__name__)
-        original(self, ex, exc)
+    def factory(loop, coro, **kwargs):
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        tasks.append(task)
+        return task
 
-    monkeypatch.setattr(forward.Attempt, "on_failed", record)
-    return calls
+    loop.set_task_factory(factory)
+    yield lambda: [t.get_name()[len(forward.HANDED_OVER):] for t in tasks
+                   if t.get_name().startswith(forward.HANDED_OVER)]
+    loop.set_task_factory(previous)
 
 
 async def test_pooled_request_runs_without_a_task_and_is_counted_once(upstream, gateway):
@@ -145,7 +149,7 @@ async def test_failure_on_a_pooled_connection_is_retried_on_another_server(scrip
     assert bad.accepted == 1 and good.accepted == 1  # B's answer came on its pooled connection
     assert pool.in_flight == 0 and server_a.active_requests == 0 and server_b.active_requests == 0
     await eventually(lambda: not forward_tasks(), "the retry's task finished")
-    assert handed_over == ["UpstreamProtocolError"]  # A's failure was met on the fast path
+    assert handed_over() == ["UpstreamProtocolError"]  # A's failure was met on the fast path
 
 
 async def test_failure_on_a_pooled_connection_reports_its_cause(scripted, gateway, handed_over):  # noqa: F811
@@ -166,7 +170,7 @@ async def test_failure_on_a_pooled_connection_reports_its_cause(scripted, gatewa
     assert entry["error"] == "http_protocol_error" and len(entry["attempts"]) == 1
     assert pool.in_flight == 0 and pool.servers[0].active_requests == 0
     assert pool.request_latency.count == 2
-    assert handed_over == ["UpstreamProtocolError"]
+    assert handed_over() == ["UpstreamProtocolError"]
 
 
 async def test_keepalive_race_on_the_fast_path_retries_on_a_fresh_connection(upstream, gateway, handed_over):
@@ -184,7 +188,7 @@ async def test_keepalive_race_on_the_fast_path_retries_on_a_fresh_connection(ups
     assert gw.proxy.recorder.keepalive_race_retries == 1
     assert gw.proxy.recorder.recent() == []
     assert up.connections_accepted == 2
-    assert handed_over == ["ConnectionTerminated"]
+    assert handed_over() == ["ConnectionTerminated"]
 
 
 async def test_client_gone_mid_response_on_the_fast_path(upstream, gateway):
