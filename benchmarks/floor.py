@@ -33,7 +33,7 @@ import time
 import httptools
 import uvloop
 
-from diagnostics.metrics import Histogram
+from proxy.stats import Histogram
 from proxy.headers import _SANE_ID as SANE_ID, HOP_BY_HOP, date_field, new_request_id_bytes
 from proxy.servers import LatencyWindow
 

@@ -1,11 +1,9 @@
-"""Latency histograms for the hot path, and /metrics in Prometheus text format 0.0.4.
+"""/metrics in Prometheus text format 0.0.4.
 
-Two halves:
-- `Histogram`: fixed bucket bounds chosen at startup. `observe()` is a bisect into the
-  bounds plus three in-place updates of a preallocated list: nothing grows per request.
-  Counts are stored per bucket (non-cumulative); the exposition makes them cumulative.
 - `render_metrics(snapshot)`: pure text rendering of the dict the proxy hands the admin app
-  (shape in `render_metrics`' docstring). Format per
+  (shape in `render_metrics`' docstring). Its histograms are proxy.stats.Histogram
+  snapshots: counts per bucket (non-cumulative), which the exposition makes cumulative,
+  over DEFAULT_BUCKETS unless the snapshot names its own. Format per
   https://prometheus.io/docs/instrumenting/exposition_formats/ (text 0.0.4).
 
 Rules:
@@ -23,8 +21,7 @@ Rules:
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 # Upper bounds in seconds: the Prometheus client libraries' defaults (plus 1 ms), which
 # cover a loopback hop (~0.1 ms lands in the first bucket) up to a 10 s slow backend.
@@ -37,41 +34,6 @@ _STATUS_CLASSES: tuple[str, ...] = ("1xx", "2xx", "3xx", "4xx", "5xx")
 _CHECK_RESULTS: tuple[str, ...] = ("pass", "fail")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-class Histogram:
-    """Counts of observations per bucket, plus their sum and count.
-
-    `counts[i]` holds observations `bounds[i-1] < v <= bounds[i]` (Prometheus `le` is
-    inclusive); the last slot is +Inf.
-    """
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: Sequence[float] = DEFAULT_BUCKETS) -> None:
-        bounds = tuple(float(b) for b in bounds)
-        if not bounds:
-            raise ValueError("histogram needs at least one bucket bound")
-        if any(not math.isfinite(b) for b in bounds):
-            raise ValueError("histogram bounds must be finite (+Inf is implicit)")
-        if any(a >= b for a, b in zip(bounds, bounds[1:])):
-            raise ValueError("histogram bounds must be strictly increasing")
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-
-    @property
-    def count(self) -> int:
-        """Observations so far (the buckets' total: not kept apart, observe runs per request)."""
-        return sum(self.counts)
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(self.bounds, seconds)] += 1
-        self.sum += seconds
-
-    def snapshot(self) -> dict:
-        counts = list(self.counts)
-        return {"counts": counts, "sum": self.sum, "count": sum(counts)}
 
 
 # ---- exposition -------------------------------------------------------------------------

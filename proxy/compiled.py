@@ -44,6 +44,8 @@ MODULES = (
     "proxy.upstream_conn",
     "proxy.flow",
     "proxy.servers",
+    "proxy.stats",
+    "proxy.runtime",
 )
 ROOT = Path(__file__).resolve().parent.parent
 

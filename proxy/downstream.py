@@ -17,7 +17,7 @@ import asyncio
 import traceback
 from collections import deque
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from proxy import headers as H
 from proxy.codec import make_request_parser
@@ -29,9 +29,11 @@ from proxy import forward
 from proxy.logs import log_event
 
 if TYPE_CHECKING:
-    from proxy.server import Proxy
+    from proxy.runtime import Proxy
 
-IDLE, HEAD, BUSY = "idle", "head", "busy"
+IDLE: Final = "idle"
+HEAD: Final = "head"
+BUSY: Final = "busy"
 
 
 class _Rejection:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy import headers as H
 from proxy.headers import CHUNKED
@@ -31,11 +31,11 @@ if TYPE_CHECKING:
     from proxy.codec.base import Headers, RequestHead, ResponseHead
     from proxy.downstream import DownstreamProtocol
     from proxy.forward import Attempt
-    from proxy.server import PoolRuntime
+    from proxy.runtime import PoolRuntime
     from proxy.upstream_conn import UpstreamConnection
 
 # Request bodies up to this size are kept for a retry on another server.
-REPLAY_LIMIT = 64 * 1024
+REPLAY_LIMIT: Final = 64 * 1024
 
 
 class Exchange:

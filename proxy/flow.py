@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 # Write-buffer watermarks for every transport gatewise owns. 64 KiB high water keeps the
 # bytes held per direction per connection small (backpressure target: a slow client
 # costs a bounded amount of memory) while still letting a 256 KiB socket buffer fill.
-HIGH_WATER = 64 * 1024
-LOW_WATER = 16 * 1024
+HIGH_WATER: Final = 64 * 1024
+LOW_WATER: Final = 16 * 1024
 
 
 def _nothing() -> None:
@@ -134,9 +134,9 @@ class Outbox:
 
 
 # Reasons to stop reading from a transport.
-PEER_FULL = 1    # the other side's write buffer is over high water
-QUEUED = 2       # pipelined requests wait behind the one in flight
-BUFFERING = 4    # request body bytes held while no upstream connection is ready
+PEER_FULL: Final = 1    # the other side's write buffer is over high water
+QUEUED: Final = 2       # pipelined requests wait behind the one in flight
+BUFFERING: Final = 4    # request body bytes held while no upstream connection is ready
 
 
 class ReadGate:

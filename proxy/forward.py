@@ -39,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import traceback
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from diagnostics.causes import INFO
 from diagnostics.classify import classify
@@ -52,15 +52,15 @@ from proxy.router import split_target, rewrite_target
 
 if TYPE_CHECKING:
     from proxy.exchange import Exchange
-    from proxy.server import PoolRuntime, Proxy
+    from proxy.runtime import PoolRuntime, Proxy
     from proxy.servers import ServerState
 
 
 # Every forward() task's name: asyncio's debug output, and tests, find them by it (a
 # compiled coroutine has no code object to recognise). A task the fast path handed its
 # failure to is named after that failure.
-TASK_NAME = "gatewise.forward"
-HANDED_OVER = TASK_NAME + " after "
+TASK_NAME: Final = "gatewise.forward"
+HANDED_OVER: Final = TASK_NAME + " after "
 
 
 def _may_retry(exc: ProxyError, ex: Exchange, retry_non_idempotent: bool) -> bool:

@@ -22,22 +22,27 @@ from binascii import hexlify
 from collections.abc import Set
 from email.utils import formatdate
 from http import HTTPStatus
+from typing import Final
 
 from proxy.codec.base import Headers, RequestHead, ResponseHead
 
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+HOP_BY_HOP: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade"})
 # A request id from the client is kept only when it is short and harmless to log and echo.
-_SANE_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
-_NO_BODY_STATUS = frozenset({204, 304})
+_SANE_ID: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+_NO_BODY_STATUS: Final = frozenset({204, 304})
 
-# Body framing of an outbound message.
-NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
+# Body framing of an outbound message. (Final, here and below: mypyc compiles the value
+# into the code that reads it, instead of a module dict lookup per use.)
+NO_BODY: Final = 0
+LENGTH: Final = 1
+CHUNKED: Final = 2
+UNTIL_CLOSE: Final = 3
 
 
 # Request ids must be unique, not secret: a PRNG seeded once from the OS gives 96 random
 # bits per id without a getrandom() syscall per request.
-_ids = random.Random(os.urandom(16))
+_ids: Final = random.Random(os.urandom(16))
 
 
 def new_request_id_bytes() -> bytes:
@@ -60,13 +65,23 @@ def _names_any(headers: Headers, names: Set[bytes]) -> bool:
 
 
 # RFC 9110 §9.2.2: idempotent methods may be retried after a partial failure.
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 # What a request field is to gatewise, by lowercased name: one dict lookup per field
 # instead of a chain of comparisons. Anything not listed is forwarded unchanged.
-(_KEEP, _HOST, _ACCEPT, _LENGTH, _CODING, _REQUEST_ID, _VIA, _XFF, _TE, _CONNECTION, _UPGRADE,
- _DROP) = range(12)
-_REQUEST_FIELDS = {
+_KEEP: Final = 0
+_HOST: Final = 1
+_ACCEPT: Final = 2
+_LENGTH: Final = 3
+_CODING: Final = 4
+_REQUEST_ID: Final = 5
+_VIA: Final = 6
+_XFF: Final = 7
+_TE: Final = 8
+_CONNECTION: Final = 9
+_UPGRADE: Final = 10
+_DROP: Final = 11
+_REQUEST_FIELDS: Final = {
     b"host": _HOST, b"accept": _ACCEPT, b"content-length": _LENGTH, b"transfer-encoding": _CODING,
     b"x-request-id": _REQUEST_ID, b"via": _VIA, b"x-forwarded-for": _XFF, b"te": _TE,
     b"connection": _CONNECTION, b"upgrade": _UPGRADE,
@@ -74,14 +89,14 @@ _REQUEST_FIELDS = {
     b"keep-alive": _DROP, b"proxy-connection": _DROP, b"trailer": _DROP,
     b"x-forwarded-proto": _DROP, b"x-forwarded-host": _DROP,
 }
-_NOTHING: frozenset[bytes] = frozenset()
+_NOTHING: Final[frozenset[bytes]] = frozenset()
 
 # A field name's kind by its exact spelling, learned as names are seen: a peer spells its
 # fields the same way every time, so a field costs one dict lookup and no lower(). Bounded
 # (at most _LEARN_MAX names of at most _LEARN_NAME_MAX bytes: 32 KiB): past that, a peer
 # inventing names gets the lower() path, unlearned.
 _LEARN_MAX = 512
-_LEARN_NAME_MAX = 64
+_LEARN_NAME_MAX: Final = 64
 _request_kinds: dict[bytes, int] = {}
 _response_kinds: dict[bytes, int] = {}
 
@@ -233,7 +248,7 @@ def build_request_head(head: RequestHead, *, target: bytes, client_ip: bytes, pr
     return b"".join(out)
 
 
-_STATUS_LINES: dict[int, tuple[bytes, bytes]] = {}  # status -> (standard reason, line); 3 digits: bounded
+_STATUS_LINES: Final[dict[int, tuple[bytes, bytes]]] = {}  # status -> (standard reason, line); 3 digits: bounded
 
 
 def status_line(status: int, reason: bytes = b"") -> bytes:
@@ -251,15 +266,23 @@ def status_line(status: int, reason: bytes = b"") -> bytes:
 
 
 # What a response field is to gatewise, by lowercased name (as _REQUEST_FIELDS).
-_R_KEEP, _R_LENGTH, _R_CODING, _R_KEEP_ALIVE, _R_CONNECTION, _R_VIA, _R_DATE, _R_UPGRADE, _R_DROP = range(9)
-_RESPONSE_FIELDS = {
+_R_KEEP: Final = 0
+_R_LENGTH: Final = 1
+_R_CODING: Final = 2
+_R_KEEP_ALIVE: Final = 3
+_R_CONNECTION: Final = 4
+_R_VIA: Final = 5
+_R_DATE: Final = 6
+_R_UPGRADE: Final = 7
+_R_DROP: Final = 8
+_RESPONSE_FIELDS: Final = {
     b"content-length": _R_LENGTH, b"transfer-encoding": _R_CODING, b"keep-alive": _R_KEEP_ALIVE,
     b"connection": _R_CONNECTION, b"via": _R_VIA, b"date": _R_DATE, b"upgrade": _R_UPGRADE,
     # hop-by-hop, or set by gatewise
     b"proxy-connection": _R_DROP, b"te": _R_DROP, b"trailer": _R_DROP, b"x-request-id": _R_DROP,
 }
 # The usual Connection values, as token sets shared by every response (never changed).
-_ONE_TOKEN = {b"keep-alive": frozenset({b"keep-alive"}), b"close": frozenset({b"close"})}
+_ONE_TOKEN: Final = {b"keep-alive": frozenset({b"keep-alive"}), b"close": frozenset({b"close"})}
 
 
 def plan_response(head: ResponseHead, *, request_method: bytes, client_version: bytes,

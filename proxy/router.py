@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,11 +42,13 @@ class Route:
 
 
 # Host-pattern kinds, precomputed per route.
-_ANY, _EXACT, _SUFFIX = 0, 1, 2
+_ANY: Final = 0
+_EXACT: Final = 1
+_SUFFIX: Final = 2
 
 # Normalized hosts cached per raw Host value: a handful of values repeat on every
 # request. Bounded because the Host header is client-controlled.
-_HOST_CACHE_MAX = 1024
+_HOST_CACHE_MAX: Final = 1024
 
 
 def _normalize_host(raw: bytes | str | None) -> str | None:
@@ -162,7 +165,7 @@ def rewrite_target(route: Route, target: bytes) -> bytes:
     return rest
 
 
-_SCHEMES = (b"http", b"https")
+_SCHEMES: Final = (b"http", b"https")
 
 
 def split_target(target: bytes) -> tuple[bytes | None, bytes]:

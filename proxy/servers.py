@@ -23,8 +23,9 @@ from array import array
 from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Final
 
-from diagnostics.metrics import Histogram
+from proxy.stats import Histogram
 from proxy.compiled import mypyc_attr
 
 
@@ -38,13 +39,16 @@ class State(StrEnum):
 # The states as module globals, for the per-request checks: on CPython 3.11 reading a
 # member through its class (State.HEALTHY) goes through EnumType.__getattr__'s slow
 # attribute hook, about 70 ns, where a global costs a few.
-_HEALTHY, _UNKNOWN, _UNHEALTHY, _EJECTED = State.HEALTHY, State.UNKNOWN, State.UNHEALTHY, State.EJECTED
+_HEALTHY: Final = State.HEALTHY
+_UNKNOWN: Final = State.UNKNOWN
+_UNHEALTHY: Final = State.UNHEALTHY
+_EJECTED: Final = State.EJECTED
 
 
 # (state, event) -> next state. Events: probe_ok, probe_down (fall reached), probe_up
 # (rise reached), trip (passive threshold), trial_ok, recovered (probe passed after an
 # ejection). Anything not listed leaves the state as it is.
-_NEXT = {
+_NEXT: Final = {
     (State.UNKNOWN, "probe_ok"): State.HEALTHY,
     (State.UNKNOWN, "probe_down"): State.UNHEALTHY,
     (State.HEALTHY, "probe_down"): State.UNHEALTHY,
@@ -71,9 +75,9 @@ class HealthPolicy:
 # LatencyWindow's size, and the EWMA's weight of the newest sample (reacts within a
 # handful of requests). Module constants: add() runs per request, and a class attribute
 # read through self is the slow lookup.
-_WINDOW = 1024
-_LAST = _WINDOW - 1
-_ALPHA = 0.3
+_WINDOW: Final = 1024
+_LAST: Final = _WINDOW - 1
+_ALPHA: Final = 0.3
 
 
 def nearest_rank(samples) -> dict[str, float | None]:

@@ -34,7 +34,7 @@ from proxy.config import ProxyConfig, to_dict
 from proxy.health import HealthChecker
 from proxy.inspect import ProxyView
 from proxy.logs import log_event, log_server_state
-from proxy.server import Proxy
+from proxy.runtime import Proxy
 
 START_TIMEOUT = 15.0     # seconds for every worker to be listening
 SNAPSHOT_TIMEOUT = 2.0   # an admin request waits this long for a busy worker

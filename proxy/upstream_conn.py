@@ -24,7 +24,7 @@ import errno
 import ssl
 import traceback
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from proxy.codec import make_response_parser
 from proxy.errors import (BodyReadTimeout, TlsProtocolError, ConnectionTerminated, ConnectRefused, ConnectTimeout,
@@ -39,7 +39,11 @@ if TYPE_CHECKING:
     from proxy.codec.base import Headers, ResponseHead
     from proxy.servers import ServerState
 
-IDLE, SENDING, WAITING, BODY, CLOSED = "idle", "sending", "waiting", "body", "closed"
+IDLE: Final = "idle"
+SENDING: Final = "sending"
+WAITING: Final = "waiting"
+BODY: Final = "body"
+CLOSED: Final = "closed"
 
 _UNROUTABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
 _REFUSED = {errno.ECONNREFUSED, errno.ECONNRESET}

@@ -30,7 +30,8 @@ from proxy.config import ConfigError, parse_config
 from proxy.inspect import ProxyView
 from proxy.logs import log_event
 from proxy.memory import keep_read_buffers
-from proxy.server import Proxy, Server
+from proxy.runtime import Proxy
+from proxy.server import Server
 
 
 class WorkerServer(Server):

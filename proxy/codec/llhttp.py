@@ -30,7 +30,7 @@ Two httptools gaps handled here, and two costs avoided:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import httptools
 
@@ -38,12 +38,12 @@ from proxy.codec.base import RequestHead, ResponseHead, fields_size
 from proxy.errors import (BadRequest, RequestHeadersTooLarge, ResponseHeadersTooLarge,
                           UpstreamProtocolError)
 
-_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+_VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
 # What follows "METHOD SP request-target" in a request line, and how a status line
 # begins (RFC 9112 §3, §4): the versions read without asking httptools.
-_REQUEST_LINE_ENDS = {b" HTTP/1.1\r\n": b"1.1", b" HTTP/1.0\r\n": b"1.0"}
-_STATUS_LINE_STARTS = {b"HTTP/1.1 ": b"1.1", b"HTTP/1.0 ": b"1.0"}
-_RAW_SLACK = 256 * 1024  # one large read may carry the end of a head plus body bytes
+_REQUEST_LINE_ENDS: Final = {b" HTTP/1.1\r\n": b"1.1", b" HTTP/1.0\r\n": b"1.0"}
+_STATUS_LINE_STARTS: Final = {b"HTTP/1.1 ": b"1.1", b"HTTP/1.0 ": b"1.0"}
+_RAW_SLACK: Final = 256 * 1024  # one large read may carry the end of a head plus body bytes
 
 
 def _close_delimited(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from diagnostics.admin import AdminServer, admin_warning, make_app, start_admin
-from diagnostics.metrics import Histogram
+from proxy.stats import Histogram
 
 NOW = 1_700_000_000.0
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,14 +13,14 @@ from pathlib import Path
 import orjson
 import pytest
 
-from diagnostics.metrics import Histogram
 from proxy.config import config_from_urls
-from proxy.server import Proxy
+from proxy.runtime import Proxy
 from proxy.supervisor import Supervisor
 from proxy.cluster import (MAX_MESSAGE, ChannelError, Decoder, SharedServerState, apply_state, encode,
                            merge_histograms, merge_metrics, merge_requests, merge_upstreams, shared_servers,
                            state_of)
 from proxy.servers import HealthPolicy, ServerState, State, nearest_rank
+from proxy.stats import Histogram
 
 URL_A, URL_B = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
 

@@ -1,4 +1,4 @@
-"""diagnostics.metrics: the hot-path Histogram and the Prometheus text exposition.
+"""The hot-path Histogram (proxy.stats) and the Prometheus text exposition (diagnostics.metrics).
 
 The exposition is parsed back with prometheus_client's reference parser (a test-only
 dependency) and also checked line by line against the 0.0.4 grammar, because the
@@ -13,7 +13,8 @@ import re
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from diagnostics.metrics import DEFAULT_BUCKETS, SERVER_STATES, Histogram, render_metrics
+from diagnostics.metrics import DEFAULT_BUCKETS, SERVER_STATES, render_metrics
+from proxy.stats import Histogram
 
 # ---- Histogram ---------------------------------------------------------------------------
 
