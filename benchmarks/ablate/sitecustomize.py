@@ -28,7 +28,7 @@ if ABLATE:
     import proxy.headers as H
     import proxy.upstream_conn as UC
     import proxy.downstream as D
-    import diagnostics.metrics as M
+    import proxy.stats as M
 
     if "stats" in ABLATE:
         S.ServerState.on_success = lambda self, status, secs, trial=False: None
