@@ -37,8 +37,8 @@ before its parser has returned.
 from __future__ import annotations
 
 import asyncio
+import time
 import traceback
-from time import perf_counter
 from typing import TYPE_CHECKING, Final
 
 from diagnostics.causes import INFO
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 # compiled coroutine has no code object to recognise). A task the fast path handed its
 # failure to is named after that failure.
 TASK_NAME: Final = "gatewise.forward"
+perf_counter: Final = time.perf_counter  # (as in downstream.py)
 HANDED_OVER: Final = TASK_NAME + " after "
 
 

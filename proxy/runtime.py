@@ -89,6 +89,11 @@ class Proxy:
                  make_server=None) -> None:
         self.cfg = cfg
         self.loop = loop
+        # Read per request by every client connection: copied out of the (frozen) config
+        # into typed attributes, one read each instead of a walk through two dataclasses.
+        self.client_idle = cfg.timeouts.client_idle
+        self.client_header = cfg.timeouts.client_header
+        self.max_request_body = cfg.limits.max_request_body_bytes
         self.resolver = Resolver(loop, lookup)
         self.outbox = Outbox(loop)  # writes held to the end of a loop iteration (flow.Outbox)
         self.parser_kind = resolve_parser(cfg.listen.parser)

@@ -134,8 +134,8 @@ class Timeouts(Protocol):
 
 
 class UpstreamConnection:
-    __slots__ = ("_loop", "_outbox", "_parser", "_timer", "_timeouts", "transport", "state", "exchange",
-                 "server", "reused", "head_seen", "request_done", "alive", "idle_pool",
+    __slots__ = ("_loop", "_outbox", "_parser", "_timer", "_response_header", "_idle_read", "_upstream_idle",
+                 "transport", "state", "exchange", "server", "reused", "head_seen", "request_done", "alive", "idle_pool",
                  "keepalive_timeout", "upstream_keep_alive", "_client_paused", "bytes_seen", "_tunnel", "held")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, server: ServerState, parser_kind: str,
@@ -144,7 +144,10 @@ class UpstreamConnection:
         self._outbox = outbox
         self._parser = make_response_parser(parser_kind, self, max_head_bytes)
         self._timer = Deadline(loop, self._on_deadline)
-        self._timeouts = timeouts
+        # The timers' lengths, copied into typed attributes (read per request)
+        self._response_header = timeouts.response_header
+        self._idle_read = timeouts.idle_read
+        self._upstream_idle = timeouts.upstream_idle
         self.transport: Any = None  # asyncio.Transport (Any: see flow.ReadGate)
         self.state = IDLE
         self.exchange: Peer | None = None
@@ -210,7 +213,7 @@ class UpstreamConnection:
             # The body's longest silence is idle_read, counted from the end of each read:
             # one timer move per read, none per piece, and none at all for a response that
             # ends in the read that brought its head (the connection is IDLE again by then).
-            self._timer.set(self._loop.time() + self._timeouts.idle_read)
+            self._timer.set(self._loop.time() + self._idle_read)
         if ex is not None:
             ex.flush()
 
@@ -247,7 +250,7 @@ class UpstreamConnection:
 
     def pause_writing(self) -> None:
         if self.state is SENDING:
-            self._timer.set(self._loop.time() + self._timeouts.idle_read)
+            self._timer.set(self._loop.time() + self._idle_read)
         if self.exchange is not None:
             self.exchange.pause_client_reading()
 
@@ -270,7 +273,7 @@ class UpstreamConnection:
         self.upstream_keep_alive = True
         self._parser.start(method, upgrade)
         self.state = WAITING if complete else SENDING
-        self._timer.set(self._loop.time() + self._timeouts.response_header if complete else None)
+        self._timer.set(self._loop.time() + self._response_header if complete else None)
         if later:
             self._outbox.write(self, data)
         else:
@@ -283,7 +286,7 @@ class UpstreamConnection:
         self.request_done = True
         if self.state is SENDING:
             self.state = WAITING
-            self._timer.set(self._loop.time() + self._timeouts.response_header)
+            self._timer.set(self._loop.time() + self._response_header)
 
     def pause_for_client(self) -> None:
         """The client's buffer is full: stop reading, stop blaming the upstream."""
@@ -298,7 +301,7 @@ class UpstreamConnection:
             self._client_paused = False
             self.transport.resume_reading()
             if self.state is BODY:
-                self._timer.set(self._loop.time() + self._timeouts.idle_read)
+                self._timer.set(self._loop.time() + self._idle_read)
 
     def release(self, request_complete: bool, draining: bool) -> None:
         """The exchange is complete: back to the server's idle pool when both sides allow
@@ -314,7 +317,7 @@ class UpstreamConnection:
         if self._client_paused:
             self.resume_for_client()
         now = self._loop.time()
-        expires = idle_expiry(now, self._timeouts.upstream_idle, self.keepalive_timeout)
+        expires = idle_expiry(now, self._upstream_idle, self.keepalive_timeout)
         self._timer.set(expires)
         assert self.idle_pool is not None  # (set by whoever opened this connection)
         for c in self.idle_pool.put(self, expires, now):
@@ -379,11 +382,11 @@ class UpstreamConnection:
             if self.idle_pool is not None:
                 self.idle_pool.discard(self)
         elif state is BODY:
-            self.fail(BodyReadTimeout(f"no body bytes for {self._timeouts.idle_read:g} s "
+            self.fail(BodyReadTimeout(f"no body bytes for {self._idle_read:g} s "
                                       f"(timeouts.idle_read)", upstream=address))
         elif state is SENDING:
             self.fail(WriteTimeout(f"upstream read none of the request body for "
-                                   f"{self._timeouts.idle_read:g} s (timeouts.idle_read)", upstream=address))
+                                   f"{self._idle_read:g} s (timeouts.idle_read)", upstream=address))
         elif state is WAITING:
-            self.fail(ResponseTimeout(f"no response head within {self._timeouts.response_header:g} s "
+            self.fail(ResponseTimeout(f"no response head within {self._response_header:g} s "
                                       f"(timeouts.response_header)", upstream=address))
