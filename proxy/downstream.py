@@ -228,8 +228,11 @@ class DownstreamProtocol:
     def exchange_done(self, ex: Exchange) -> None:
         """The whole response for `ex` has been handed to the transport (or is queued
         for the end of this loop iteration: see flush_soon)."""
+        pool = ex.pool
         if self.queue:
             self.flush()  # whether the next request may start depends on this write
+        elif pool is not None and pool.in_flight == 0:
+            self.flush()  # nothing else in flight to batch with (as forward.start's write)
         else:
             self.flush_soon()
         if ex is not self.current:

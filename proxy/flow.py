@@ -88,7 +88,8 @@ class Outbox:
     responses that end in one iteration leave together, so each peer wakes once for them
     (measured with 50 keep-alive clients: less system time per request and more requests
     per second than a write as each is ready). One loop callback runs them all: holding
-    a write costs a list append, not a loop handle of its own."""
+    a write costs a list append, not a loop handle of its own. Its users hold a write only
+    while other requests are in flight: alone, there is nothing to batch with."""
 
     __slots__ = ("_loop", "_writes", "_flushes")
 

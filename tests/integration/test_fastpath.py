@@ -15,6 +15,7 @@ request and the close are read in one loop iteration.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -40,6 +41,18 @@ async def read_until(raw: Raw, marker: bytes, timeout: float = 5.0) -> bytes:
 def current_exchange(gw):
     (conn,) = gw.proxy.connections
     return conn.current
+
+
+@contextlib.contextmanager
+def another_in_flight(pool):
+    """Stands in for a second request in flight in `pool`: the fast path defers its write
+    (and a finished response its flush) to the Outbox only then (forward.start,
+    DownstreamProtocol.exchange_done); alone, it writes at once."""
+    pool.in_flight += 1
+    try:
+        yield
+    finally:
+        pool.in_flight -= 1
 
 
 def the_server(gw):
@@ -256,11 +269,12 @@ async def test_client_gone_before_the_deferred_write(upstream, gateway):
     client = await Raw.open(gw.port)
     try:
         proto, conn = await one_pooled(gw, client)
-        proto.data_received(GET)  # and, in the same iteration, the close
-        ex = proto.current
-        assert ex.fast is not None and ex.task is None and ex.conn is conn
-        proto.connection_lost(None)
-        assert not conn.alive and pool.in_flight == 0 and server.active_requests == 0
+        with another_in_flight(pool):
+            proto.data_received(GET)  # and, in the same iteration, the close
+            ex = proto.current
+            assert ex.fast is not None and ex.task is None and ex.conn is conn and conn.held
+            proto.connection_lost(None)
+            assert not conn.alive and pool.in_flight == 1 and server.active_requests == 0
     finally:
         client.close()
     await eventually(lambda: not up._conns, "the upstream connection closed")
@@ -282,14 +296,47 @@ async def test_an_answer_before_the_deferred_write_is_the_keepalive_race(upstrea
     client = await Raw.open(gw.port)
     try:
         proto, conn = await one_pooled(gw, client)
-        proto.data_received(method + b" / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
-        assert proto.current.conn is conn and conn.held
-        # and, in the same iteration, the upstream's idle-timeout answer on that connection
-        conn.data_received(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
-        assert not conn.alive
+        with another_in_flight(gw.proxy.pools["app"]):
+            proto.data_received(method + b" / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+            assert proto.current.conn is conn and conn.held
+            # and, in the same iteration, the upstream's idle-timeout answer on that connection
+            conn.data_received(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+            assert not conn.alive
         reply = await read_until(client, b"hello\n")
     finally:
         client.close()
     assert reply.startswith(b"HTTP/1.1 200 ")
     assert gw.proxy.recorder.keepalive_race_retries == 1 and gw.proxy.recorder.recent() == []
     assert up.connections_accepted == 2 and up.requests_seen == 2  # the stale one never got it
+
+
+async def test_alone_the_fast_path_writes_at_once_and_flushes_at_once(scripted, gateway):  # noqa: F811
+    """With no other request in flight there is nothing to batch a write with: the request
+    goes to the upstream from the callback that read it, and the response to the client
+    from the callback that completed it (flow.Outbox holds neither)."""
+    second_seen = asyncio.Event()
+
+    async def handler(sock, index):
+        head, rest = await up.read_head(sock, b"")
+        await up.loop.sock_sendall(sock, OK)
+        head, rest = await up.read_head(sock, rest)  # the second: answered by the test below
+        second_seen.set()
+        await up.read_head(sock, rest)
+
+    up = await scripted(handler)
+    gw = await gateway([up.url])
+    pool, server = the_server(gw)
+    client = await Raw.open(gw.port)
+    try:
+        proto, conn = await one_pooled(gw, client)
+        proto.data_received(GET)
+        assert proto.current.conn is conn and not conn.held  # handed to the transport, not queued
+        async with asyncio.timeout(5):
+            await second_seen.wait()
+        conn.data_received(OK)  # the upstream's answer, as its read would deliver it
+        assert proto._wbuf == [] and not proto._flush_pending  # written to the client already
+        reply = await read_until(client, b"hello\n")
+    finally:
+        client.close()
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    assert len(pool.idle[server]) == 1 and pool.in_flight == 0
