@@ -14,10 +14,11 @@ PURE_TESTS := tests/unit tests/integration/test_forwarding.py tests/integration/
 
 .PHONY: run run-config test check clean bench bench-quick
 
-$(STAMP): pyproject.toml setup.py $(HOT)
+$(STAMP): pyproject.toml setup.py proxy/compiled.py $(HOT)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	@$(BIN)/python -c "from proxy import compiled; print('gatewise hot path:', compiled.describe())"
 	touch $(STAMP)
 
 run: $(STAMP)  # the proxy plus built-in demo upstreams; prints what to try

@@ -8,7 +8,7 @@ calls between these modules direct C calls. The source stays the one truth: it r
 as is wherever the extension is not built.
 
 Pure Python instead, with the same behaviour:
-- GATEWISE_PURE=1 when installing (or `make pure`);
+- GATEWISE_PURE=1 when installing;
 - no C compiler on the machine (the build says so, then goes on without it);
 - GATEWISE_PURE=1 when running: the extension is present but not loaded (proxy/compiled.py,
   which lists the compiled modules).
@@ -24,7 +24,14 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from proxy.compiled import source_paths  # noqa: E402  (the one list of compiled modules)
+from proxy.compiled import built_extensions, pure_requested, source_paths  # noqa: E402
+
+
+def remove_built() -> None:
+    """An earlier build's extensions would go on loading (Python prefers them to the .py),
+    whatever this build does: every build starts without them."""
+    for path in built_extensions():
+        path.unlink()
 
 
 class OptionalBuildExt(build_ext):
@@ -34,12 +41,14 @@ class OptionalBuildExt(build_ext):
         try:
             super().run()
         except Exception as exc:  # distutils' CompileError, PlatformError...
+            remove_built()  # (whatever part of the build got copied into the tree)
             print(f"gatewise: could not compile the hot path ({exc}); installing plain Python",
                   file=sys.stderr)
 
 
 def ext_modules() -> list:
-    if os.environ.get("GATEWISE_PURE"):
+    remove_built()
+    if pure_requested():
         return []
     try:
         from mypyc.build import mypycify

@@ -69,6 +69,17 @@ class _SourceFirst(MetaPathFinder):
         return None
 
 
+def pure_requested() -> bool:
+    """GATEWISE_PURE set to anything but "" or "0"."""
+    return os.environ.get("GATEWISE_PURE", "") not in ("", "0")
+
+
+def built_extensions() -> list[Path]:
+    """The compiled files in the tree: one per module, and the shared library at the root."""
+    return ([p for package in ("proxy", "diagnostics") for p in (ROOT / package).rglob("*.so")]
+            + sorted(ROOT.glob("*__mypyc*.so")))
+
+
 def is_compiled() -> bool:
     """True when this process runs the compiled hot path."""
     from proxy import exchange
@@ -85,8 +96,16 @@ def describe() -> str:
 
 def stale() -> list[str]:
     """The compiled modules whose .py is newer than the extension that would be loaded
-    for them (empty when nothing is compiled, or under GATEWISE_PURE)."""
+    for them, and extensions left from modules no longer in MODULES (empty when nothing
+    is compiled, or under GATEWISE_PURE for MODULES)."""
     out = []
+    for path in built_extensions():
+        if path.parent == ROOT:
+            continue  # the shared library: its modules are checked one by one
+        relative = path.relative_to(ROOT)
+        name = ".".join(relative.parent.parts + (path.name.split(".", 1)[0],))
+        if name not in MODULES:
+            out.append(f"{relative} (not compiled any more: delete it)")
     for name in MODULES:
         spec = find_spec(name)
         origin = spec.origin if spec is not None else None
@@ -98,7 +117,7 @@ def stale() -> list[str]:
     return out
 
 
-if os.environ.get("GATEWISE_PURE") and not any(isinstance(f, _SourceFirst) for f in sys.meta_path):
+if pure_requested() and not any(isinstance(f, _SourceFirst) for f in sys.meta_path):
     sys.meta_path.insert(0, _SourceFirst())
 
 if __name__ == "__main__":

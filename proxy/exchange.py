@@ -242,8 +242,8 @@ class Exchange:
             conn.resume_for_client()
 
     def flush(self) -> None:
-        """Send what the upstream's read produced. A finished exchange is already queued by
-        exchange_done for the end of this loop iteration (flush_soon): flushing it here
-        would undo that batching."""
+        """Send what the upstream's read produced. A finished exchange has been flushed by
+        exchange_done, or queued there for the end of this loop iteration (flush_soon):
+        flushing it here would undo that batching."""
         if not self.finished:
             self.client.flush()

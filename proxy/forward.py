@@ -15,8 +15,8 @@ Retry rules (nginx proxy_next_upstream, Envoy retry policies, RFC 9110 §9.2.2):
   write on the wire, which nothing can prove harmless. One case is provably harmless:
   the upstream's bytes, typically an idle-timeout 408, arrive before the request has
   left the Outbox (flow.Outbox, upstream_conn's `held`; a write is held there while
-  other requests are in flight): nothing was written, so the retry is made whatever
-  the method.)
+  other requests are in flight, and on a connection idle for RACE_IDLE or more):
+  nothing was written, so the retry is made whatever the method.)
 - The error reported is the last attempt's cause, with every attempt listed.
 
 Two ways to wait for an attempt, one set of rules:
@@ -62,6 +62,9 @@ if TYPE_CHECKING:
 # failure to is named after that failure.
 TASK_NAME: Final = "gatewise.forward"
 perf_counter: Final = time.perf_counter  # (as in downstream.py)
+# A pooled connection idle this long may be at its upstream's idle timeout (seconds long:
+# Apache and Node.js 5 s, nginx 75 s); reused sooner, it is not.
+RACE_IDLE: Final = 1.0
 HANDED_OVER: Final = TASK_NAME + " after "
 
 
@@ -167,13 +170,17 @@ def start(proxy: Proxy, ex: Exchange) -> None:
             if conn is None:  # a connect to wait for
                 ex.task = proxy.loop.create_task(forward(proxy, ex, at), name=TASK_NAME)
             else:
-                # With other requests in flight, written after this loop iteration's
-                # callbacks (flow.Outbox): the requests read in one iteration then reach the
-                # upstreams together, which wake once for them. Alone, at once: there is
-                # nothing to batch with, and holding it costs a loop pass (measured:
-                # compiled, deferring only under concurrency beat both always and never,
-                # at c1, c50 and c256).
-                ex.send(conn, ex.head_bytes, later=pool.in_flight > 1)
+                # Written after this loop iteration's callbacks (flow.Outbox) when other
+                # requests are in flight to this pool: the requests read in one iteration
+                # then reach the upstreams together, which wake once for them. And when the
+                # connection has idled long enough that the upstream may be closing it: an
+                # answer that comes before the write then provably answers nothing of ours
+                # (the keep-alive race, module docstring). Otherwise at once: nothing to
+                # batch with, and holding it costs a loop pass (measured, compiled:
+                # deferring only under concurrency beat both always and never, at c1, c50
+                # and c256).
+                later = pool.in_flight > 1 or now - conn.idle_since >= RACE_IDLE
+                ex.send(conn, ex.head_bytes, later=later)
             return
     start_task(proxy, ex)
 

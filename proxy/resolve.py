@@ -133,7 +133,7 @@ class Resolver:
             raise DnsError(f"cannot resolve {host}: {exc}", upstream=upstream) from None
         if not addrs:
             raise DnsError(f"{host} resolved to no address", upstream=upstream, rcode="NOERROR")
-        return addrs
+        return list(addrs)  # (an injected lookup may give any sequence; the compiled dial checks for a list)
 
     def cancel(self) -> None:
         for task in self._tasks:

@@ -136,7 +136,8 @@ class Timeouts(Protocol):
 class UpstreamConnection:
     __slots__ = ("_loop", "_outbox", "_parser", "_timer", "_response_header", "_idle_read", "_upstream_idle",
                  "transport", "state", "exchange", "server", "reused", "head_seen", "request_done", "alive", "idle_pool",
-                 "keepalive_timeout", "upstream_keep_alive", "_client_paused", "bytes_seen", "_tunnel", "held")
+                 "keepalive_timeout", "upstream_keep_alive", "_client_paused", "bytes_seen", "_tunnel", "held",
+                 "idle_since")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, server: ServerState, parser_kind: str,
                  max_head_bytes: int, timeouts: Timeouts, outbox: Outbox) -> None:
@@ -163,6 +164,7 @@ class UpstreamConnection:
         self.bytes_seen = False
         self._tunnel = False
         self.held = False  # the request is waiting in the Outbox, not yet written (flow.Outbox)
+        self.idle_since = 0.0  # loop time it was last pooled
 
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -317,6 +319,7 @@ class UpstreamConnection:
         if self._client_paused:
             self.resume_for_client()
         now = self._loop.time()
+        self.idle_since = now
         expires = idle_expiry(now, self._upstream_idle, self.keepalive_timeout)
         self._timer.set(expires)
         assert self.idle_pool is not None  # (set by whoever opened this connection)

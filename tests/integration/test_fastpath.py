@@ -4,7 +4,8 @@ forward() task. These tests pin that it follows the same rules as the task path:
 bookkeeping of a success, the retry and RFC 9209 cause of a failure (handed over to the
 task), and a client that goes away (recorded once, nothing left behind), including in
 the windows only the fast path has: before a handed-over task first runs, and before the
-request's deferred write.
+request's deferred write (held in flow.Outbox while other requests are in flight, or on
+a connection idle for forward.RACE_IDLE; written at once otherwise).
 
 Most tests first send one request to fill the pool (that one connects, so its attempt
 is handed to a task), then the request under test on the same client connection. The two
@@ -260,8 +261,8 @@ async def test_client_gone_before_the_handed_over_task_runs(upstream, gateway):
 
 
 async def test_client_gone_before_the_deferred_write(upstream, gateway):
-    """The fast path writes the request once the loop iteration's callbacks have run. A
-    client gone within that same iteration: the attempt ends at once, the leased
+    """With another request in flight, the fast path writes the request once the loop
+    iteration's callbacks have run. A client gone within that same iteration: the attempt ends at once, the leased
     connection is closed (never pooled again), and the write never happens."""
     up = await upstream("ok")
     gw = await gateway([up])
@@ -286,9 +287,9 @@ async def test_client_gone_before_the_deferred_write(upstream, gateway):
 
 @pytest.mark.parametrize("method", [b"GET", b"POST"])
 async def test_an_answer_before_the_deferred_write_is_the_keepalive_race(upstream, gateway, method):
-    """The upstream's bytes arrive on the just-leased connection in the same iteration as
-    the request, before the request has left the Outbox: typically a server's 408 as it
-    times out the idle connection. They answer nothing we sent, so they never reach the
+    """The upstream's bytes arrive on the just-leased connection, idle for a while, in the
+    same iteration as the request, before the request has left the Outbox: typically a
+    server's 408 as it times out the idle connection. They answer nothing we sent, so they never reach the
     client: the attempt fails as the keep-alive race and is retried on a fresh connection,
     for a POST too (provably unsent), and the stale connection is closed unwritten."""
     up = await upstream("ok")
@@ -296,12 +297,12 @@ async def test_an_answer_before_the_deferred_write_is_the_keepalive_race(upstrea
     client = await Raw.open(gw.port)
     try:
         proto, conn = await one_pooled(gw, client)
-        with another_in_flight(gw.proxy.pools["app"]):
-            proto.data_received(method + b" / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
-            assert proto.current.conn is conn and conn.held
-            # and, in the same iteration, the upstream's idle-timeout answer on that connection
-            conn.data_received(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
-            assert not conn.alive
+        conn.idle_since -= forward.RACE_IDLE  # pooled that long ago (alone in the pool: held for that)
+        proto.data_received(method + b" / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+        assert proto.current.conn is conn and conn.held
+        # and, in the same iteration, the upstream's idle-timeout answer on that connection
+        conn.data_received(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        assert not conn.alive
         reply = await read_until(client, b"hello\n")
     finally:
         client.close()
@@ -311,9 +312,10 @@ async def test_an_answer_before_the_deferred_write_is_the_keepalive_race(upstrea
 
 
 async def test_alone_the_fast_path_writes_at_once_and_flushes_at_once(scripted, gateway):  # noqa: F811
-    """With no other request in flight there is nothing to batch a write with: the request
-    goes to the upstream from the callback that read it, and the response to the client
-    from the callback that completed it (flow.Outbox holds neither)."""
+    """With no other request in flight there is nothing to batch a write with: on a
+    connection pooled just now, the request goes to the upstream from the callback that
+    read it, and the response to the client from the callback that completed it
+    (flow.Outbox holds neither)."""
     second_seen = asyncio.Event()
 
     async def handler(sock, index):
