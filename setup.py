@@ -2,12 +2,13 @@
 mypyc (from mypy) into a C extension; everything else stays plain Python.
 
 Why: on the hot path CPython spends most of its time dispatching bytecodes and looking
-attributes up, not doing the proxy's work (benchmarks/README.md: "Compiled"). mypyc turns
-the same Python source, checked by mypy, into C: typed attributes become struct fields and
-calls between these modules direct C calls. The source stays the one truth: it runs
-as is wherever the extension is not built.
+attributes up, not doing the proxy's work (benchmarks/README.md: "The compiled hot
+path"). mypyc turns the same Python source, checked by mypy, into C: typed attributes
+become struct fields and calls between these modules direct C calls. The source stays
+the one truth: it runs as is wherever the extension is not built.
 
-Pure Python instead, with the same behaviour:
+Pure Python instead, with the same behaviour (compiled code also checks annotated types
+at run time):
 - GATEWISE_PURE=1 when installing;
 - no C compiler on the machine (the build says so, then goes on without it);
 - GATEWISE_PURE=1 when running: the extension is present but not loaded (proxy/compiled.py,
