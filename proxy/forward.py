@@ -61,11 +61,11 @@ if TYPE_CHECKING:
 # compiled coroutine has no code object to recognise). A task the fast path handed its
 # failure to is named after that failure.
 TASK_NAME: Final = "gatewise.forward"
-perf_counter: Final = time.perf_counter  # (as in downstream.py)
+HANDED_OVER: Final = TASK_NAME + " after "
 # A pooled connection idle this long may be at its upstream's idle timeout (seconds long:
 # Apache and Node.js 5 s, nginx 75 s); reused sooner, it is not.
 RACE_IDLE: Final = 1.0
-HANDED_OVER: Final = TASK_NAME + " after "
+perf_counter: Final = time.perf_counter  # (as in downstream.py)
 
 
 def _may_retry(exc: ProxyError, ex: Exchange, retry_non_idempotent: bool) -> bool:
@@ -258,15 +258,11 @@ def _route(proxy: Proxy, ex: Exchange) -> PoolRuntime:
     head = ex.head
     if head.looped:
         raise LoopDetected(f"Via already names {proxy.cfg.diagnostics.proxy_name}")
-    path = head.target
-    host = head.host
-    if path[:1] != b"/":  # not origin-form (split_target's first case, without the call)
-        try:
-            authority, path = split_target(path)
-        except ValueError as exc:
-            raise BadRequest(f"unsupported request target: {exc}") from None
-        if authority is not None:
-            host = authority
+    try:
+        authority, path = split_target(head.target)
+    except ValueError as exc:
+        raise BadRequest(f"unsupported request target: {exc}") from None
+    host = authority if authority is not None else head.host
     route = proxy.router.match(host, path)
     if route is None:
         raise NoRoute(f"no route for host {(host or b'').decode('latin-1')!r} "
@@ -279,7 +275,7 @@ def _route(proxy: Proxy, ex: Exchange) -> PoolRuntime:
     if limit and pool.in_flight >= limit:
         raise ConnectionLimitReached(f"{pool.in_flight} requests in flight to pool {pool.name!r} "
                                      f"(pools.{pool.name}.max_connections = {limit})")
-    ex.target = rewrite_target(route, path) if route.strip_prefix else path
+    ex.target = rewrite_target(route, path)
     ex.head_bytes = H.build_request_head(head, target=ex.target, client_ip=ex.client.client_ip,
                                          proto=b"http", via=proxy.via)
     return pool
