@@ -14,9 +14,9 @@ queue while reading pauses.
 from __future__ import annotations
 
 import asyncio
+import time
 import traceback
 from collections import deque
-import time
 from typing import TYPE_CHECKING, Any, Final
 
 from proxy import headers as H

@@ -23,7 +23,6 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from proxy import headers as H
-from proxy.headers import CHUNKED
 from proxy.errors import AwaitingHead, ProxyError, ResponseIncomplete, UnsupportedTransferCoding
 from proxy.flow import BUFFERING, HIGH_WATER, PEER_FULL
 
@@ -174,7 +173,7 @@ class Exchange:
         client.out(plan.rewritten)
 
     def on_upstream_body(self, data: bytes) -> None:
-        if self.framing == CHUNKED:
+        if self.framing == H.CHUNKED:
             self.client.out(b"%x\r\n" % len(data))
             self.client.out(data)
             self.client.out(b"\r\n")

@@ -145,8 +145,8 @@ class ReadGate:
 
     def __init__(self, transport: Any = None) -> None:
         # the transport to pause (None until the connection is made: nothing to pause yet).
-        # Any: uvloop's transports are not asyncio.Transport subclasses that a compiled
-        # class could check (see setup.py).
+        # Any: uvloop's transports are not asyncio.Transport instances, which a compiled
+        # class would check the value against.
         self._transport = transport
         # Why reading is paused (bits above; 0: reading). Read-only outside: a caller on the
         # hot path tests it to skip a resume() that would do nothing.

@@ -27,7 +27,7 @@ from typing import Final
 from proxy.codec.base import Headers, RequestHead, ResponseHead
 
 HOP_BY_HOP: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-                        b"transfer-encoding", b"upgrade"})
+                               b"transfer-encoding", b"upgrade"})
 # A request id from the client is kept only when it is short and harmless to log and echo.
 _SANE_ID: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _NO_BODY_STATUS: Final = frozenset({204, 304})

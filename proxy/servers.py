@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from proxy.stats import Histogram
 from proxy.compiled import mypyc_attr
+from proxy.stats import Histogram
 
 
 class State(StrEnum):

@@ -135,9 +135,9 @@ class Timeouts(Protocol):
 
 class UpstreamConnection:
     __slots__ = ("_loop", "_outbox", "_parser", "_timer", "_response_header", "_idle_read", "_upstream_idle",
-                 "transport", "state", "exchange", "server", "reused", "head_seen", "request_done", "alive", "idle_pool",
-                 "keepalive_timeout", "upstream_keep_alive", "_client_paused", "bytes_seen", "_tunnel", "held",
-                 "idle_since")
+                 "transport", "state", "exchange", "server", "reused", "head_seen", "request_done", "alive",
+                 "idle_pool", "keepalive_timeout", "upstream_keep_alive", "_client_paused", "bytes_seen",
+                 "_tunnel", "held", "idle_since")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, server: ServerState, parser_kind: str,
                  max_head_bytes: int, timeouts: Timeouts, outbox: Outbox) -> None:
@@ -157,7 +157,8 @@ class UpstreamConnection:
         self.head_seen = False
         self.request_done = False
         self.alive = False
-        self.idle_pool: IdlePool[UpstreamConnection] | None = None  # the server's, set by whoever opened this connection
+        # the server's idle pool, set by whoever opened this connection
+        self.idle_pool: IdlePool[UpstreamConnection] | None = None
         self.keepalive_timeout: float | None = None
         self.upstream_keep_alive = True
         self._client_paused = False
