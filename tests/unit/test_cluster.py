@@ -398,9 +398,10 @@ def test_merge_requests_is_newest_first_and_capped():
 
 async def test_the_supervisor_pushes_a_passive_verdict_exactly_when_what_workers_see_changes():
     """A worker's passive report reaches every worker as a state only when it changes
-    what they see: not for a failure that only counts towards max_fails, yes for the
-    ejection, and yes for a failed trial, which moves the ejection on without a state
-    change (so the other workers hold back their own trials)."""
+    what they see: not for a failure that only counts towards max_fails (not even one
+    reported as a trial's, arriving after the server is back in), yes for the ejection,
+    and yes for a failed trial, which moves the ejection on without a state change (so
+    the other workers hold back their own trials)."""
     cfg = config_from_urls([URL_A], listen="127.0.0.1:0", admin="127.0.0.1:0", workers=2)
     sup = Supervisor(cfg)
     sup.proxy = Proxy(cfg, asyncio.get_running_loop())
@@ -412,7 +413,10 @@ async def test_the_supervisor_pushes_a_passive_verdict_exactly_when_what_workers
     failure = {"t": "failure", "pool": "default", "server": 0, "url": server.url,
                "error": "connection_refused", "details": "ECONNREFUSED", "trial": False}
     max_fails = server.policy.max_fails
-    for _ in range(max_fails - 1):
+    assert max_fails >= 2
+    sup._passive(sup.workers[1], {**failure, "trial": True})  # a late trial report: the server is in
+    assert sent == []                                   # counted, nothing to tell
+    for _ in range(max_fails - 2):
         sup._passive(sup.workers[0], failure)
     assert sent == []                                   # counted, nothing to tell
     sup._passive(sup.workers[0], failure)               # the one that ejects
