@@ -311,11 +311,14 @@ async def test_an_answer_before_the_deferred_write_is_the_keepalive_race(upstrea
     assert up.connections_accepted == 2 and up.requests_seen == 2  # the stale one never got it
 
 
-async def test_alone_the_fast_path_writes_at_once_and_flushes_at_once(scripted, gateway):  # noqa: F811
+@pytest.mark.parametrize("others", [0, 1], ids=["alone", "another_in_flight"])
+async def test_the_fast_path_holds_its_write_and_flush_only_while_others_are_in_flight(
+        scripted, gateway, others):  # noqa: F811
     """With no other request in flight there is nothing to batch a write with: on a
     connection pooled just now, the request goes to the upstream from the callback that
     read it, and the response to the client from the callback that completed it
-    (flow.Outbox holds neither)."""
+    (flow.Outbox holds neither). With another in flight both wait in the Outbox for the
+    end of the loop iteration, to leave with the others."""
     second_seen = asyncio.Event()
 
     async def handler(sock, index):
@@ -331,13 +334,18 @@ async def test_alone_the_fast_path_writes_at_once_and_flushes_at_once(scripted, 
     client = await Raw.open(gw.port)
     try:
         proto, conn = await one_pooled(gw, client)
-        proto.data_received(GET)
-        assert proto.current.conn is conn and not conn.held  # handed to the transport, not queued
-        async with asyncio.timeout(5):
-            await second_seen.wait()
-        conn.data_received(OK)  # the upstream's answer, as its read would deliver it
-        assert proto._wbuf == [] and not proto._flush_pending  # written to the client already
-        reply = await read_until(client, b"hello\n")
+        with another_in_flight(pool) if others else contextlib.nullcontext():
+            proto.data_received(GET)
+            assert proto.current.conn is conn
+            assert conn.held == bool(others)  # queued in the Outbox, or handed to the transport
+            async with asyncio.timeout(5):
+                await second_seen.wait()
+            conn.data_received(OK)  # the upstream's answer, as its read would deliver it
+            if others:
+                assert proto._wbuf and proto._flush_pending  # queued for the end of this iteration
+            else:
+                assert proto._wbuf == [] and not proto._flush_pending  # written to the client already
+            reply = await read_until(client, b"hello\n")
     finally:
         client.close()
     assert reply.startswith(b"HTTP/1.1 200 ")
