@@ -14,9 +14,11 @@ PURE_TESTS := tests/unit tests/integration/test_forwarding.py tests/integration/
 
 .PHONY: run run-config test check clean bench bench-quick
 
-$(STAMP): pyproject.toml setup.py proxy/compiled.py $(HOT)
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml setup.py proxy/compiled.py $(HOT) | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	@$(BIN)/python -c "from proxy import compiled; print('gatewise hot path:', compiled.describe())"
 	touch $(STAMP)

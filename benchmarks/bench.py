@@ -69,12 +69,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import floor  # benchmarks/floor.py, the yardstick: how to start it
-
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
+GATEWISE_TARGETS = ("gatewise", "gatewise-py", "gatewise-w2")  # run from --src trees
+TARGETS = ("direct", *GATEWISE_TARGETS, "nginx", "haproxy", "floor", "floor+features")  # table order
 SBIN = "/usr/local/sbin:/usr/sbin:/sbin"
 NOFILE = 65536                     # RLIMIT_NOFILE wanted for the proxies and the idle client
 
@@ -564,6 +564,7 @@ backend be
         base = self.tmp / name
         base.mkdir(exist_ok=True)
         log = base / "stderr.log"
+        import floor  # benchmarks/floor.py (here: it imports httptools, uvloop, gatewise)
         # this checkout's gatewise pieces (floor --features uses some), whatever --src says,
         # as plain Python like the rest of the floor
         proc = self._spawn(self.pin(self.proxy_cpu) + floor.command(self.python, self.backend.port, features),
@@ -827,10 +828,9 @@ def main(argv: list[str] | None = None) -> int:
                         "every target also gets 1 s of GET / c50 after it starts")
     p.add_argument("--scenario", action="append", choices=[s.name for s in SCENARIOS],
                    help="run only this scenario (repeatable; default: all)")
-    p.add_argument("--targets", default="direct,gatewise,gatewise-py,gatewise-w2,nginx,haproxy,floor,floor+features",
-                   help="comma-separated subset of direct,gatewise,gatewise-py,gatewise-w2,nginx,haproxy,floor,"
-                        "floor+features (default: all; gatewise-py is gatewise as plain Python (GATEWISE_PURE=1); "
-                        "gatewise-w2 is gatewise with listen.workers = 2, not pinned; haproxy "
+    p.add_argument("--targets", default=",".join(TARGETS),
+                   help=f"comma-separated subset of {','.join(TARGETS)} (default: all; gatewise-py is "
+                        "gatewise as plain Python (GATEWISE_PURE=1); gatewise-w2 is gatewise with listen.workers = 2, not pinned; haproxy "
                         "only when installed; floor is benchmarks/floor.py, a featureless Python forwarder, and "
                         "floor+features the same with gatewise's per-request feature work inline)")
     p.add_argument("--src", action="append", type=Path, metavar="DIR",
@@ -848,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
     scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
     wanted = {t.strip() for t in args.targets.split(",") if t.strip()}
-    unknown = wanted - {"direct", "gatewise", "gatewise-py", "gatewise-w2", "nginx", "haproxy", "floor", "floor+features"}
+    unknown = wanted - set(TARGETS)
     if unknown:
         p.error(f"--targets: unknown {', '.join(sorted(unknown))}")
 
@@ -860,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     if "haproxy" in wanted and "haproxy" not in tools:
         print("bench: haproxy is not installed; its column is skipped (this script never installs it)",
               file=sys.stderr)
-    srcs = [s.resolve() for s in (args.src or [ROOT])] if wanted & {"gatewise", "gatewise-py", "gatewise-w2"} else []
+    srcs = [s.resolve() for s in (args.src or [ROOT])] if wanted & set(GATEWISE_TARGETS) else []
     for tree in dict.fromkeys(srcs):
         problem = _check_imports(args.python, tree)
         if problem:

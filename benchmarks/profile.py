@@ -44,8 +44,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import floor  # benchmarks/floor.py, the yardstick: how to start it
-
 ROOT = Path(__file__).resolve().parent.parent
 ABLATE_STUBS = ROOT / "benchmarks" / "ablate" / "sitecustomize.py"  # its NAMES are the --ablate choices
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: profile\r\nAccept: */*\r\n\r\n"
@@ -142,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.target == "gatewise":
             cmd, ready = [args.python, "-m", "proxy", "run", "-c", str(cfg)], r'"event":"listening","address":"127\.0\.0\.1:(\d+)"'
         else:
+            import floor  # benchmarks/floor.py (here: it imports httptools, uvloop, gatewise)
             cmd, ready = floor.command(args.python, backend_port, args.target != "floor"), floor.READY
         gw = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                                *cmd], cwd=src, env=gw_env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
@@ -162,10 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         if not totals:
             raise SystemExit(f"no callgrind totals in {tmp}")
         n = args.connections * args.requests
-        ablated = f", without {args.ablate}" if args.ablate else ""
-        hot = re.search(r'"hot_path":"([^"]*)"', log.read_text()) if args.target == "gatewise" else None
-        ablated += f", hot path {hot[1]}" if hot else ""
-        print(f"{max(totals) / n:,.0f} instructions per request ({args.target}{ablated}, {args.connections} "
+        detail = f", without {args.ablate}" if args.ablate else ""
+        hot = re.search(r'"hot_path":\s*"([^"]*)"', log.read_text()) if args.target == "gatewise" else None
+        detail += f", hot path {hot[1]}" if hot else ""
+        print(f"{max(totals) / n:,.0f} instructions per request ({args.target}{detail}, {args.connections} "
               f"connections x {args.requests} GET /, {src})")
         print(f"callgrind file: {max(dumps, key=lambda f: f.stat().st_size)}")
         return 0

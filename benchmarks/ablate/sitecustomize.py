@@ -56,7 +56,7 @@ if ABLATE:
         # stores, not free, so this slightly understates what the scan costs)
         from proxy.codec.base import RequestHead
         _scan, _build = H.scan_request, H.build_request_head
-        _slots = RequestHead.__slots__[6:]
+        _slots = tuple(RequestHead.__annotations__)  # the slots the scan fills (declared apart)
         _c = {}
         def scan(head, name):
             if "i" not in _c:
