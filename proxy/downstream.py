@@ -4,6 +4,7 @@ It drives the request codec, hands each request to forward.py, answers malformed
 requests itself (400/408/413/431 with Proxy-Status), and owns the client's one timer:
     IDLE   keep-alive, waiting for a request     client_idle    -> close quietly
     HEAD   first bytes of a head seen            client_header  -> 408
+           (a pipelined head that began earlier: from when the response before it is out)
     BUSY   a request in flight; while its body is being read, client_idle is the longest
            silence (-> 408, or abort once the response started); while the client does
            not read our writes, client_idle is the longest stall (-> abort)
@@ -249,9 +250,16 @@ class DownstreamProtocol:
                 self._next()
         elif self.closing:
             self.close()
-        elif self.receiving is ex:  # no request after it yet: idle (_rearm's case, without the call)
-            self.state = IDLE
-            self._timer.set(self.loop.time() + self.proxy.client_idle)
+        elif self.receiving is ex:  # no request after it yet (_rearm's cases, without the call)
+            if self._parser.in_head():
+                # Part of the next head came with this request (pipelined): like nginx, its
+                # client_header starts now that it is its turn (RFC 9112 §9.3.2), not once
+                # more of it arrives.
+                self._enter_head()
+                self._timer.set(self._head_deadline)
+            else:
+                self.state = IDLE
+                self._timer.set(self.loop.time() + self.proxy.client_idle)
         else:
             self._rearm()
 

@@ -19,6 +19,9 @@ Response parser events (client side):
     on_response_body(data: bytes)
     on_response_end(trailers: list[tuple[bytes, bytes]])
 
+A request parser also answers in_head(): True while part of a request head has been fed
+and not its end (the client side times such a head by client_header).
+
 close() is called once the connection is gone: the adapter drops its references back to
 the handler (its protocol), so protocol, adapter and parser are freed at once by reference
 counting instead of waiting for the cyclic garbage collector (measured: RSS crept up by

@@ -55,6 +55,12 @@ class H11RequestParser:
         """The connection is gone (see proxy.codec: close)."""
         self._h = None
 
+    def in_head(self) -> bool:
+        """Part of a head has been fed, and not its end (see proxy.codec: in_head)."""
+        # (a head is checked whole before h11 sees it: until then it waits in _head_buf;
+        # the empty lines before one are not part of it, RFC 9112 §2.2)
+        return self._conn is None and bool(self._head_buf.lstrip(b"\r\n"))
+
     def feed(self, data: bytes) -> bytes | None:
         while True:
             if self._conn is None:  # waiting for a head: check it raw first

@@ -91,6 +91,10 @@ class LlhttpRequestParser:
         self._h = None
         self._p = None
 
+    def in_head(self) -> bool:
+        """Part of a head has been fed, and not its end (see proxy.codec: in_head)."""
+        return self._in_head
+
     def feed(self, data: bytes) -> bytes | None:
         """Parse data; returns the bytes after an upgrade request's head (the start of
         the tunnel), else None."""

@@ -416,6 +416,24 @@ async def test_half_a_head_gets_408(upstream, gateway, parser):
 
 
 @pytest.mark.parametrize("parser", CODECS)
+async def test_half_a_pipelined_head_gets_408_after_the_request_before_it(upstream, gateway, parser):
+    """Regression: half a head that came in the same read as the request before it was
+    timed by client_idle once that request's response was out (10 s here, then a quiet
+    close), not by client_header. Like nginx, its client_header starts when the proxy
+    can serve it: when the response before it is out (RFC 9112 §9.3.2: in order)."""
+    up = await upstream("ok")
+    gw = await gateway([up], timeouts={"client_header": T_CLIENT, "client_idle": 10.0})
+    raw, closed, elapsed = await exchange(
+        gw.port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\nX-Half: ", timeout=5)
+    assert closed, f"half a pipelined head held the connection {elapsed:.1f} s (client_header {T_CLIENT} s)"
+    first, second = parse_replies(raw, ("GET", "GET"))
+    assert first.status == 200, first
+    assert_rejected(second, 408, gw)
+    assert T_CLIENT * 0.9 <= elapsed <= T_CLIENT + 1.7, elapsed
+    assert up.requests_seen == 1
+
+
+@pytest.mark.parametrize("parser", CODECS)
 async def test_silent_connection_is_closed_after_client_header(upstream, gateway, parser):
     """A client that connects and sends nothing: closed once client_header runs out
     (a 408 first is allowed, RFC 9110 §15.5.9; nothing else is)."""

@@ -351,6 +351,21 @@ def test_a_pipelined_head_over_the_limit_is_refused(before):
     assert (verdict, error, len(done)) == ("reject", "RequestHeadersTooLarge", before)
 
 
+@pytest.mark.parametrize("kind", CODECS)
+def test_in_head_is_true_between_a_heads_first_bytes_and_its_end(kind):
+    """in_head() is what the client side times by client_header: empty lines before a
+    request (RFC 9112 §2.2) and a body are not a head; half of a pipelined one is."""
+    recorder = RequestRecorder()
+    parser = make_request_parser(kind, recorder, MAX_HEAD)
+    seen = []
+    for piece in (b"\r\n", b"POST / HTTP/1.1\r\nHo", b"st: t\r\nContent-Length: 4\r\n\r\nab",
+                  b"cd" + b"GET / HTTP/1.1\r\nHost: t\r\n\r\n" + b"GET /half HTTP/1.1\r\n", b"Host: t\r\n\r\n"):
+        parser.feed(piece)
+        seen.append(parser.in_head())
+    assert seen == [False, True, False, True, False]
+    assert [m.head[1] for m in recorder.messages] == [b"/", b"/", b"/half"]
+
+
 def _trailers_over_the_limit() -> bytes:
     """30 trailer fields, about 6.6 KB: over a 4 KiB limit when they arrive whole."""
     return b"".join(b"X-T-%02d: %s\r\n" % (i, b"t" * 200) for i in range(30))
