@@ -16,14 +16,14 @@ from diagnostics.causes import Cause
 from proxy import headers as H
 from proxy.balancer import make_balancer
 from proxy.codec import make_request_parser
-from proxy.codec.base import RequestHead, ResponseHead
+from proxy.codec.base import RequestHandler, RequestHead, ResponseHead
 from proxy.servers import ServerState
 
 REQUEST = (b"GET /api/items?page=2 HTTP/1.1\r\nHost: example.com\r\nUser-Agent: bench/1.0\r\n"
            b"Accept: */*\r\nAccept-Encoding: gzip\r\nConnection: keep-alive\r\n\r\n")
 
 
-class _Sink:
+class _Sink(RequestHandler):
     def on_request_head(self, head): pass
     def on_request_body(self, data): pass
     def on_request_end(self, trailers): pass

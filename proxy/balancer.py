@@ -39,28 +39,14 @@ import random
 from bisect import bisect_right
 from collections.abc import Collection, Sequence
 from itertools import accumulate
-from typing import Protocol
 
 from proxy.servers import ServerState
 
 
-class Balancer(Protocol):
-    def pick(self, now: float, exclude: Collection[ServerState] = ()) -> ServerState | None:
-        """Return the server for the next attempt, or None when none is a candidate.
-
-        ``exclude`` holds the servers this request already tried, so that retries go
-        "each on a different server when one exists" (SPEC, ``retries``). Contract with
-        the caller: when ``pick(now, exclude)`` returns None and ``exclude`` is not
-        empty, every remaining candidate has been tried; the caller may then call
-        ``pick(now)`` without ``exclude`` to retry on an already-tried server. A None
-        from ``pick(now)`` with an empty ``exclude`` means no server is available
-        (503 destination_unavailable).
-        """
-        ...
-
-
-class _Grouped:
-    """Shared shape: the primary/backup split, then a per-kind pick within a group."""
+class Balancer:
+    """What every kind shares: the primary/backup split, then a per-kind pick within a
+    group (_pick_in). (A base class rather than a Protocol: compiled, forward.py's call
+    to pick is then a direct one, not a Python method call by name.)"""
 
     __slots__ = ("_primary", "_backup", "_only")
 
@@ -72,6 +58,16 @@ class _Grouped:
         self._only: ServerState | None = self._primary[0] if len(self._primary) == 1 else None
 
     def pick(self, now: float, exclude: Collection[ServerState] = ()) -> ServerState | None:
+        """Return the server for the next attempt, or None when none is a candidate.
+
+        ``exclude`` holds the servers this request already tried, so that retries go
+        "each on a different server when one exists" (SPEC, ``retries``). Contract with
+        the caller: when ``pick(now, exclude)`` returns None and ``exclude`` is not
+        empty, every remaining candidate has been tried; the caller may then call
+        ``pick(now)`` without ``exclude`` to retry on an already-tried server. A None
+        from ``pick(now)`` with an empty ``exclude`` means no server is available
+        (503 destination_unavailable).
+        """
         only = self._only
         if only is not None and only.available(now) and not (exclude and only in exclude):
             return only
@@ -88,7 +84,7 @@ class _Grouped:
         raise NotImplementedError
 
 
-class SmoothWeightedRoundRobin(_Grouped):
+class SmoothWeightedRoundRobin(Balancer):
     __slots__ = ()
 
     def _pick_in(
@@ -111,7 +107,7 @@ class SmoothWeightedRoundRobin(_Grouped):
         return best
 
 
-class LeastConn(_Grouped):
+class LeastConn(Balancer):
     __slots__ = ()
 
     def _pick_in(
@@ -152,7 +148,7 @@ class LeastConn(_Grouped):
         return chosen
 
 
-class WeightedRandom(_Grouped):
+class WeightedRandom(Balancer):
     __slots__ = ("_rng", "_primary_cum", "_backup_cum")
 
     def __init__(self, servers: Sequence[ServerState], rng: random.Random) -> None:
@@ -190,7 +186,7 @@ class WeightedRandom(_Grouped):
         return last
 
 
-class PowerOfTwoEwma(_Grouped):
+class PowerOfTwoEwma(Balancer):
     """Power of two random choices (Mitzenmacher; Finagle's and Linkerd's p2c): draw two
     candidates, keep the one with the lower cost = latency EWMA x (active + 1) / weight.
     A slow server quickly gets less traffic without being ejected, and the random pair

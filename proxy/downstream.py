@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from proxy import headers as H
 from proxy.codec import make_request_parser
-from proxy.codec.base import Headers, RequestHead
+from proxy.codec.base import Headers, RequestHandler, RequestHead
 from proxy.errors import BadRequest, ClientFault, ClientTimeout, ProxyError, RequestBodyTooLarge
 from proxy.exchange import Exchange
 from proxy.flow import HIGH_WATER, LOW_WATER, QUEUED, Deadline, ReadGate
@@ -58,7 +58,7 @@ class _Rejection:
         self.error = error
 
 
-class DownstreamProtocol:
+class DownstreamProtocol(RequestHandler):
     __slots__ = ("proxy", "loop", "transport", "gate", "client_ip", "_parser", "_timer", "state",
                  "current", "receiving", "queue", "closing", "_wbuf", "out", "_write_paused",
                  "_closed", "_tunnel", "_refused_head", "_head_deadline", "_next_waits", "_flush_pending")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Final
 from proxy import headers as H
 from proxy.errors import AwaitingHead, ProxyError, ResponseIncomplete, UnsupportedTransferCoding
 from proxy.flow import BUFFERING, HIGH_WATER, PEER_FULL
+from proxy.upstream_conn import Peer
 
 if TYPE_CHECKING:
     from proxy.codec.base import Headers, RequestHead, ResponseHead
@@ -38,7 +39,7 @@ REPLAY_LIMIT: Final = 64 * 1024
 perf_counter: Final = time.perf_counter  # (as in downstream.py)
 
 
-class Exchange:
+class Exchange(Peer):
     __slots__ = ("client", "head", "target", "started", "task", "conn", "_waiter",
                  "body_chunks", "body_size", "body_received", "body_complete", "replayable",
                  "committed", "finished", "framing", "keep_alive", "status", "attempts", "tunnel_rest",

@@ -19,6 +19,7 @@ from diagnostics.causes import INFO
 from diagnostics.classify import classify
 from proxy.errors import ProxyError
 from proxy.logs import log_server_state
+from proxy.upstream_conn import Peer
 
 JITTER = 0.1
 
@@ -34,7 +35,7 @@ class _ProbeTimeouts:
         self.upstream_idle = 0.0  # (a probe's connection is closed, never pooled)
 
 
-class _Probe:
+class _Probe(Peer):
     """Stands in for an Exchange on the upstream connection: wants the status only."""
 
     __slots__ = ("waiter",)

@@ -27,6 +27,8 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from proxy.codec import make_response_parser
+from proxy.codec.base import ResponseHandler
+from proxy.compiled import mypyc_attr
 from proxy.errors import (BodyReadTimeout, TlsProtocolError, ConnectionTerminated, ConnectRefused, ConnectTimeout,
                           DestinationUnroutable, LocalConnectError, ProxyError, ResponseIncomplete, ResponseTimeout,
                           UpstreamProtocolError, WriteTimeout)
@@ -105,21 +107,44 @@ async def connect(loop: asyncio.AbstractEventLoop, ip: str, port: int, timeout: 
     return conn
 
 
-class Peer(Protocol):
+@mypyc_attr(allow_interpreted_subclasses=True)  # health._Probe, test doubles
+class Peer:
     """What a connection reports its exchange's events to: an Exchange, or a health probe
-    (health.py). (A Protocol, not the Exchange class: a compiled class checks the type of
-    what it is given, and a probe is no Exchange.)"""
+    (health.py). A base class rather than a Protocol: compiled, a call through a Protocol
+    is a Python method call (a lookup by name and the arguments boxed), through a base
+    class a direct one (a vtable slot), and the connection makes four per request."""
 
-    def on_upstream_head(self, conn: UpstreamConnection, head: ResponseHead) -> None: ...
-    def on_upstream_body(self, data: bytes) -> None: ...
-    def on_upstream_end(self, conn: UpstreamConnection, trailers: Headers) -> None: ...
-    def on_upstream_failed(self, conn: UpstreamConnection, exc: ProxyError) -> None: ...
-    def on_tunnel_open(self, conn: UpstreamConnection, rest: bytes) -> None: ...
-    def on_tunnel_data(self, data: bytes) -> None: ...
-    def on_tunnel_eof(self, conn: UpstreamConnection) -> None: ...
-    def pause_client_reading(self) -> None: ...
-    def resume_client_reading(self) -> None: ...
-    def flush(self) -> None: ...
+    __slots__ = ()
+
+    def on_upstream_head(self, conn: UpstreamConnection, head: ResponseHead) -> None:
+        raise NotImplementedError
+
+    def on_upstream_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_upstream_end(self, conn: UpstreamConnection, trailers: Headers) -> None:
+        raise NotImplementedError
+
+    def on_upstream_failed(self, conn: UpstreamConnection, exc: ProxyError) -> None:
+        raise NotImplementedError
+
+    def on_tunnel_open(self, conn: UpstreamConnection, rest: bytes) -> None:
+        raise NotImplementedError
+
+    def on_tunnel_data(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_tunnel_eof(self, conn: UpstreamConnection) -> None:
+        raise NotImplementedError
+
+    def pause_client_reading(self) -> None:
+        raise NotImplementedError
+
+    def resume_client_reading(self) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
 
 
 class Timeouts(Protocol):
@@ -133,7 +158,7 @@ class Timeouts(Protocol):
     def upstream_idle(self) -> float: ...
 
 
-class UpstreamConnection:
+class UpstreamConnection(ResponseHandler):
     __slots__ = ("_loop", "_outbox", "_parser", "_timer", "_response_header", "_idle_read", "_upstream_idle",
                  "transport", "state", "exchange", "server", "reused", "head_seen", "request_done", "alive",
                  "idle_pool", "keepalive_timeout", "upstream_keep_alive", "_client_paused", "bytes_seen",

@@ -10,11 +10,11 @@ once against the events below; only the adapter differs:
 Parsers only parse. They never write: gatewise frames what it sends itself, because it
 re-frames bodies anyway (RFC 9112 §7: Transfer-Encoding is hop-by-hop).
 
-Request parser events (server side), delivered to a handler:
+Request parser events (server side), delivered to a handler (a base.RequestHandler):
     on_request_head(head: RequestHead)
     on_request_body(data: bytes)
     on_request_end(trailers: list[tuple[bytes, bytes]])
-Response parser events (client side):
+Response parser events (client side), to a base.ResponseHandler:
     on_response_head(head: ResponseHead)     # also for 1xx interim responses
     on_response_body(data: bytes)
     on_response_end(trailers: list[tuple[bytes, bytes]])
@@ -34,7 +34,8 @@ That is the translation boundary: no codec exception escapes this package.
 
 from __future__ import annotations
 
-from proxy.codec.base import RequestHead, ResponseHead
+from proxy.codec.base import (RequestHandler, RequestHead, RequestParser, ResponseHandler, ResponseHead,
+                              ResponseParser)
 
 __all__ = ["RequestHead", "ResponseHead", "make_request_parser", "make_response_parser", "resolve_parser"]
 
@@ -50,7 +51,7 @@ def resolve_parser(name: str) -> str:
     return "llhttp"
 
 
-def make_request_parser(kind: str, handler, max_head_bytes: int):
+def make_request_parser(kind: str, handler: RequestHandler, max_head_bytes: int) -> RequestParser:
     if kind == "llhttp":
         from proxy.codec.llhttp import LlhttpRequestParser
 
@@ -60,7 +61,7 @@ def make_request_parser(kind: str, handler, max_head_bytes: int):
     return H11RequestParser(handler, max_head_bytes)
 
 
-def make_response_parser(kind: str, handler, max_head_bytes: int):
+def make_response_parser(kind: str, handler: ResponseHandler, max_head_bytes: int) -> ResponseParser:
     if kind == "llhttp":
         from proxy.codec.llhttp import LlhttpResponseParser
 

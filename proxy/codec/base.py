@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from proxy.compiled import mypyc_attr
+
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -70,6 +72,88 @@ class ResponseHead:
         self.reason = reason
         self.version = version
         self.headers = headers
+
+
+# What a parser delivers its events to (see proxy.codec). Base classes rather than
+# Protocols: compiled, a parser's call through a base class is a direct (vtable) call, not a
+# Python method call by name; a parser makes five of them per forwarded request. Interpreted
+# subclasses (the tests' recorders) work too, through the same slots.
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class RequestHandler:
+    __slots__ = ()
+
+    def on_request_head(self, head: RequestHead) -> None:
+        raise NotImplementedError
+
+    def on_request_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_request_end(self, trailers: Headers) -> None:
+        raise NotImplementedError
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class ResponseHandler:
+    __slots__ = ()
+
+    def on_response_head(self, head: ResponseHead) -> None:
+        raise NotImplementedError
+
+    def on_response_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_response_end(self, trailers: Headers) -> None:
+        raise NotImplementedError
+
+
+# The parsers' own shape, for their owners (downstream.py, upstream_conn.py): base classes
+# for the same reason. The llhttp adapter is compiled, the h11 one an interpreted subclass.
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class RequestParser:
+    __slots__ = ()
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Parse data; returns the bytes after an upgrade request's head (the start of
+        the tunnel), else None."""
+        raise NotImplementedError
+
+    def in_head(self) -> bool:
+        """Part of a head has been fed, and not its end."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class ResponseParser:
+    __slots__ = ("reusable",)
+
+    reusable: bool  # False once this connection cannot carry another exchange
+
+    def start(self, method: bytes, upgrade: bool = False) -> None:
+        """A request was sent; the next response answers it."""
+        raise NotImplementedError
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Parse data; returns the bytes after a 101 response's head, else None."""
+        raise NotImplementedError
+
+    def feed_eof(self) -> bool:
+        """The upstream closed. True when that ends a close-delimited body (RFC 9112 §6.3
+        rule 8); the caller treats any other EOF as a failure."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+# What a closed parser holds instead of its handler: nothing to keep alive, and a late
+# event is an error, not a call into a connection that is gone.
+CLOSED_REQUEST: RequestHandler = RequestHandler()
+CLOSED_RESPONSE: ResponseHandler = ResponseHandler()
 
 
 def fields_size(fields: Headers) -> int:

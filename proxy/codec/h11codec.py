@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import h11
 
-from proxy.codec.base import RequestHead, ResponseHead, check_head_bytes, fields_size, head_end
+from proxy.codec.base import (CLOSED_REQUEST, CLOSED_RESPONSE, RequestHandler, RequestHead, RequestParser,
+                              ResponseHandler, ResponseHead, ResponseParser, check_head_bytes, fields_size, head_end)
 from proxy.errors import (BadRequest, RequestHeadersTooLarge, ResponseHeadersTooLarge,
                           UnsupportedTransferCoding, UpstreamProtocolError)
 
@@ -41,11 +42,11 @@ def _check_transfer_coding(head: bytes) -> None:
             raise UnsupportedTransferCoding("unsupported transfer coding: " + value.strip().decode("latin-1"))
 
 
-class H11RequestParser:
+class H11RequestParser(RequestParser):
     __slots__ = ("_h", "_max", "_conn", "_head_buf", "_upgrade")
 
-    def __init__(self, handler, max_head_bytes: int) -> None:
-        self._h = handler
+    def __init__(self, handler: RequestHandler, max_head_bytes: int) -> None:
+        self._h: RequestHandler = handler
         self._max = max_head_bytes
         self._conn: h11.Connection | None = None
         self._head_buf = bytearray()
@@ -53,7 +54,7 @@ class H11RequestParser:
 
     def close(self) -> None:
         """The connection is gone (see proxy.codec: close)."""
-        self._h = None
+        self._h = CLOSED_REQUEST
 
     def in_head(self) -> bool:
         """Part of a head has been fed, and not its end (see proxy.codec: in_head)."""
@@ -122,11 +123,11 @@ class H11RequestParser:
                 return None
 
 
-class H11ResponseParser:
-    __slots__ = ("_h", "_max", "_conn", "_head_buf", "_head_checked", "reusable")
+class H11ResponseParser(ResponseParser):
+    __slots__ = ("_h", "_max", "_conn", "_head_buf", "_head_checked")
 
-    def __init__(self, handler, max_head_bytes: int) -> None:
-        self._h = handler
+    def __init__(self, handler: ResponseHandler, max_head_bytes: int) -> None:
+        self._h: ResponseHandler = handler
         self._max = max_head_bytes
         self._conn: h11.Connection | None = None
         self._head_buf = bytearray()
@@ -148,7 +149,7 @@ class H11ResponseParser:
 
     def close(self) -> None:
         """The connection is gone (see proxy.codec: close)."""
-        self._h = None
+        self._h = CLOSED_RESPONSE
 
     def feed(self, data: bytes) -> bytes | None:
         conn = self._conn

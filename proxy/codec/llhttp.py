@@ -34,7 +34,8 @@ from typing import Any, Final
 
 import httptools
 
-from proxy.codec.base import RequestHead, ResponseHead, fields_size
+from proxy.codec.base import (CLOSED_REQUEST, CLOSED_RESPONSE, RequestHandler, RequestHead, RequestParser,
+                              ResponseHandler, ResponseHead, ResponseParser, fields_size)
 from proxy.errors import (BadRequest, RequestHeadersTooLarge, ResponseHeadersTooLarge,
                           UpstreamProtocolError)
 
@@ -69,13 +70,13 @@ def _unwrap(exc: httptools.HttpParserCallbackError) -> BaseException:
     return exc.__context__ if exc.__context__ is not None else exc
 
 
-class LlhttpRequestParser:
+class LlhttpRequestParser(RequestParser):
     __slots__ = ("_p", "_h", "_max", "_url", "_headers", "_fed", "_raw", "_pending", "_in_head", "_chunk",
                  "_start")
 
-    def __init__(self, handler, max_head_bytes: int) -> None:
+    def __init__(self, handler: RequestHandler, max_head_bytes: int) -> None:
         self._p: Any = httptools.HttpRequestParser(self)  # None once closed
-        self._h: Any = handler
+        self._h: RequestHandler = handler
         self._max = max_head_bytes
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -88,7 +89,7 @@ class LlhttpRequestParser:
 
     def close(self) -> None:
         """The connection is gone (see proxy.codec: close)."""
-        self._h = None
+        self._h = CLOSED_REQUEST
         self._p = None
 
     def in_head(self) -> bool:
@@ -179,14 +180,14 @@ class LlhttpRequestParser:
         self._h.on_request_end(trailers)
 
 
-class LlhttpResponseParser:
+class LlhttpResponseParser(ResponseParser):
     __slots__ = ("_p", "_h", "_max", "_reason", "_headers", "_raw", "_pending", "_in_head",
-                 "_head_only", "_interim", "_in_body", "_final_headers", "_outstanding", "reusable", "_chunk",
+                 "_head_only", "_interim", "_in_body", "_final_headers", "_outstanding", "_chunk",
                  "_start")
 
-    def __init__(self, handler, max_head_bytes: int) -> None:
+    def __init__(self, handler: ResponseHandler, max_head_bytes: int) -> None:
         self._p: Any = httptools.HttpResponseParser(self)
-        self._h: Any = handler
+        self._h: ResponseHandler = handler
         self._max = max_head_bytes
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -198,7 +199,7 @@ class LlhttpResponseParser:
         self._in_body = False  # the final response has a body that has not ended yet
         self._final_headers: list[tuple[bytes, bytes]] = []  # its fields, for feed_eof
         self._outstanding = False  # a request was sent and its final response has not ended
-        self.reusable = True  # False once this connection cannot carry another exchange
+        self.reusable = True
         self._chunk: bytes | None = None  # as in LlhttpRequestParser
         self._start: bytes | None = None
 
@@ -212,7 +213,7 @@ class LlhttpResponseParser:
 
     def close(self) -> None:
         """The connection is gone (see proxy.codec: close)."""
-        self._h = None
+        self._h = CLOSED_RESPONSE
         self._p = None
 
     def feed(self, data: bytes) -> bytes | None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from proxy.codec import make_request_parser, make_response_parser
+from proxy.codec.base import RequestHandler, ResponseHandler
 from proxy.codec.llhttp import _RAW_SLACK
 from proxy.errors import ClientFault, ProxyError, RequestHeadersTooLarge
 
@@ -50,7 +51,7 @@ def _norm_headers(headers) -> list[tuple[bytes, bytes]]:
     return out
 
 
-class RequestRecorder:
+class RequestRecorder(RequestHandler):
     def __init__(self) -> None:
         self.messages: list[Message] = []
 
@@ -420,7 +421,7 @@ def test_head_limit_holds_when_the_head_comes_in_pieces(kind, size, expect):
 
 
 # -- response side ---------------------------------------------------------------------------------
-class ResponseRecorder:
+class ResponseRecorder(ResponseHandler):
     def __init__(self) -> None:
         self.events: list = []
 
