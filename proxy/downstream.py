@@ -4,7 +4,8 @@ It drives the request codec, hands each request to forward.py, answers malformed
 requests itself (400/408/413/431 with Proxy-Status), and owns the client's one timer:
     IDLE   keep-alive, waiting for a request     client_idle    -> close quietly
     HEAD   first bytes of a head seen            client_header  -> 408
-           (a pipelined head that began earlier: from when the response before it is out)
+           (a pipelined head that began earlier: from when the response before it is
+           handed over, and again once the client reads it if it was not reading)
     BUSY   a request in flight; while its body is being read, client_idle is the longest
            silence (-> 408, or abort once the response started); while the client does
            not read our writes, client_idle is the longest stall (-> abort)
@@ -61,7 +62,8 @@ class _Rejection:
 class DownstreamProtocol(RequestHandler):
     __slots__ = ("proxy", "loop", "transport", "gate", "client_ip", "_parser", "_timer", "state",
                  "current", "receiving", "queue", "closing", "_wbuf", "out", "_write_paused",
-                 "_closed", "_tunnel", "_refused_head", "_head_deadline", "_next_waits", "_flush_pending")
+                 "_closed", "_tunnel", "_refused_head", "_head_deadline", "_next_waits", "_head_waits",
+                 "_flush_pending")
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
@@ -87,6 +89,7 @@ class DownstreamProtocol(RequestHandler):
         self._refused_head: Exchange | None = None  # refused in on_request_head itself
         self._head_deadline = 0.0  # absolute: the head being read must be complete by then
         self._next_waits = False   # a pipelined request waits for the client to drain
+        self._head_waits = False   # so does the deadline of half a pipelined head
         self._flush_pending = False  # a flush is scheduled for the end of this loop iteration
 
     # -- asyncio.Protocol ------------------------------------------------------------
@@ -165,6 +168,8 @@ class DownstreamProtocol(RequestHandler):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self.state is HEAD and self.current is None:  # a response still buffered (exchange_done)
+            self._head_waits = True
         if self.current is not None:
             self.current.pause_upstream_reading()
         self._timer.set(self.loop.time() + self.proxy.client_idle)
@@ -176,6 +181,10 @@ class DownstreamProtocol(RequestHandler):
         if self._next_waits:
             self._next_waits = False
             self._next()
+        if self._head_waits:
+            self._head_waits = False
+            if self.state is HEAD:  # (the head may have been completed meanwhile)
+                self._enter_head()
         self._rearm()
 
     # -- codec events ------------------------------------------------------------------
@@ -250,14 +259,18 @@ class DownstreamProtocol(RequestHandler):
                 self._next()
         elif self.closing:
             self.close()
-        elif self.receiving is ex:  # no request after it yet (_rearm's cases, without the call)
+        elif self.receiving is ex:  # no request after it yet
             if self._parser.in_head():
-                # Part of the next head came with this request (pipelined): like nginx, its
+                # Part of the next head came with this request (pipelined): its
                 # client_header starts now that it is its turn (RFC 9112 §9.3.2), not once
-                # more of it arrives.
+                # more of it arrives. While the client does not read this response, its
+                # stall allowance (client_idle) applies instead, and the head's clock
+                # starts again once it reads (_head_waits): like nginx, which times the
+                # next head once the response is sent.
                 self._enter_head()
-                self._timer.set(self._head_deadline)
-            else:
+                self._head_waits = self._write_paused
+                self._rearm()
+            else:  # idle (_rearm's case, without the call)
                 self.state = IDLE
                 self._timer.set(self.loop.time() + self.proxy.client_idle)
         else:

@@ -107,7 +107,7 @@ async def connect(loop: asyncio.AbstractEventLoop, ip: str, port: int, timeout: 
     return conn
 
 
-@mypyc_attr(allow_interpreted_subclasses=True)  # health._Probe, test doubles
+@mypyc_attr(allow_interpreted_subclasses=True)  # health._Probe
 class Peer:
     """What a connection reports its exchange's events to: an Exchange, or a health probe
     (health.py). A base class rather than a Protocol: compiled, a call through a Protocol

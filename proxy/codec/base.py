@@ -76,8 +76,9 @@ class ResponseHead:
 
 # What a parser delivers its events to (see proxy.codec). Base classes rather than
 # Protocols: compiled, a parser's call through a base class is a direct (vtable) call, not a
-# Python method call by name; a parser makes five of them per forwarded request. Interpreted
-# subclasses (the tests' recorders) work too, through the same slots.
+# Python method call by name; a parser makes five of them per forwarded request.
+# Interpreted subclasses (the tests' recorders) work too: mypyc's glue makes their calls
+# Python calls, as before.
 
 @mypyc_attr(allow_interpreted_subclasses=True)
 class RequestHandler:

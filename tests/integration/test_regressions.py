@@ -320,6 +320,40 @@ async def test_partial_head_after_paused_response_still_times_out(upstream, gate
         assert status == 408, raw[:200]
 
 
+async def test_half_a_pipelined_head_waits_for_a_client_that_does_not_read(upstream, gateway, parser):
+    """Regression: half a pipelined head, sent with a request whose large response the
+    client did not read, started its client_header deadline when that response was handed
+    to the transport; at client_header the stalled client was aborted, its response cut
+    short. While the client is not reading, client_idle is its allowance; the head's
+    client_header starts once the response is out (as nginx)."""
+    client_header = 0.5
+    up = await upstream("ok")
+    gw = await gateway([up], timeouts={"client_header": client_header, "client_idle": 10.0})
+    loop = asyncio.get_running_loop()
+    client = await Raw.open(gw.port, rcvbuf=SMALL_RCVBUF)
+    try:
+        await eventually(lambda: len(gw.proxy.connections) == 1, "the proxy accepted the client")
+        conn = proxy_client(gw)
+        shrink_sndbuf(conn.transport)
+        await client.send(b"GET /bytes/100000 HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHo")
+        await eventually(lambda: conn.current is None and conn._write_paused and conn.state == "head",
+                         "the response ended at the proxy, unread, with half a head held")
+        stalled = loop.time()
+        await eventually(lambda: loop.time() - stalled > client_header + 0.5 or conn not in gw.proxy.connections,
+                         "client_header and a margin passed, or the proxy dropped the client")
+        assert conn in gw.proxy.connections, "a client not reading was cut off at client_header"
+        (first,) = await replies(client, ("GET",))   # drain: resume_writing
+        drained = loop.time()
+        assert first[0] == 200 and len(first[2]) == 100_000, first[:2]
+        raw, closed = await client.recv_until_close(client_header + 2.0)
+    finally:
+        client.close()
+    assert closed, f"half a head held the connection {loop.time() - drained:.1f} s after the drain"
+    assert client_header * 0.9 <= loop.time() - drained <= client_header + 1.5
+    status = int(raw.split(b" ", 2)[1])
+    assert status == 408, raw[:200]
+
+
 # -- 4. h11: a 1xx head and the final head in one read ------------------------------------------
 EARLY_HINTS_BODY = bytes(range(256)) * 2400   # 614 400 bytes: more than two 256 KiB reads
 
