@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -240,9 +241,31 @@ def test_field_kinds_do_not_depend_on_spelling_or_on_what_was_learned(monkeypatc
 
 
 def test_generated_request_ids_are_24_hex_digits_as_bytes_and_text():
-    ids = {H.new_request_id_bytes() for _ in range(100)}
-    assert len(ids) == 100 and all(re.fullmatch(rb"[0-9a-f]{24}", i) for i in ids)
+    n = 2 * H._IDS_PER_BLOCK + 7  # across two refills of the block they are cut from
+    ids = {H.new_request_id_bytes() for _ in range(n)}
+    assert len(ids) == n and all(re.fullmatch(rb"[0-9a-f]{24}", i) for i in ids)
     assert re.fullmatch(r"[0-9a-f]{24}", H.new_request_id())
     info, out = build([(b"Host", b"a")])
     assert out[-1] == b"X-Request-Id: " + info.request_id_bytes
     assert info.request_id == info.request_id_bytes.decode()
+
+
+def test_a_forked_child_makes_other_request_ids_than_its_parent():
+    """The ids are cut from a block; a child must not hand out what its parent will."""
+    H.new_request_id_bytes()  # the parent holds a block with ids left in it
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next id, exit at once
+        try:
+            os.write(write_end, H.new_request_id_bytes())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        child_id = os.read(read_end, 64)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    parent_ids = {H.new_request_id_bytes() for _ in range(H._IDS_PER_BLOCK)}
+    assert re.fullmatch(rb"[0-9a-f]{24}", child_id)
+    assert child_id not in parent_ids
