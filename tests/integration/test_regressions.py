@@ -287,20 +287,31 @@ async def test_early_answer_with_unsent_body_does_not_stall_the_client(scripted,
 
 
 # -- 3. the request-head deadline survives resume_writing --------------------------------------
+async def _slow_reader(upstream, gateway, client_header: float):
+    """A gateway (client_idle 10 s) and a client whose reads it fills at once (small
+    buffers on both sides): (gw, client, the proxy's side of it)."""
+    up = await upstream("ok")
+    gw = await gateway([up], timeouts={"client_header": client_header, "client_idle": 10.0})
+    client = await Raw.open(gw.port, rcvbuf=SMALL_RCVBUF)
+    try:
+        await eventually(lambda: len(gw.proxy.connections) == 1, "the proxy accepted the client")
+        conn = proxy_client(gw)
+        shrink_sndbuf(conn.transport)
+    except BaseException:
+        client.close()
+        raise
+    return gw, client, conn
+
+
 async def test_partial_head_after_paused_response_still_times_out(upstream, gateway, parser):
     """Regression (slowloris): a response ended while the client's write side was paused;
     the client then sent part of a new request head and drained the response.
     resume_writing re-armed the timer for state HEAD as "no deadline", so the partial head
     held the connection open forever instead of getting 408 after client_header."""
     client_header = 0.5
-    up = await upstream("ok")
-    gw = await gateway([up], timeouts={"client_header": client_header, "client_idle": 10.0})
+    gw, client, conn = await _slow_reader(upstream, gateway, client_header)
     loop = asyncio.get_running_loop()
-    client = await Raw.open(gw.port, rcvbuf=SMALL_RCVBUF)
     try:
-        await eventually(lambda: len(gw.proxy.connections) == 1, "the proxy accepted the client")
-        conn = proxy_client(gw)
-        shrink_sndbuf(conn.transport)
         await client.send(b"GET /bytes/100000 HTTP/1.1\r\nHost: t\r\n\r\n")
         await eventually(lambda: conn.state == "idle" and conn._write_paused,
                          "the response ended at the proxy while the client was not reading")
@@ -327,14 +338,9 @@ async def test_half_a_pipelined_head_waits_for_a_client_that_does_not_read(upstr
     short. While the client is not reading, client_idle is its allowance; the head's
     client_header starts once the response is out (as nginx)."""
     client_header = 0.5
-    up = await upstream("ok")
-    gw = await gateway([up], timeouts={"client_header": client_header, "client_idle": 10.0})
+    gw, client, conn = await _slow_reader(upstream, gateway, client_header)
     loop = asyncio.get_running_loop()
-    client = await Raw.open(gw.port, rcvbuf=SMALL_RCVBUF)
     try:
-        await eventually(lambda: len(gw.proxy.connections) == 1, "the proxy accepted the client")
-        conn = proxy_client(gw)
-        shrink_sndbuf(conn.transport)
         await client.send(b"GET /bytes/100000 HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHo")
         await eventually(lambda: conn.current is None and conn._write_paused and conn.state == "head",
                          "the response ended at the proxy, unread, with half a head held")
