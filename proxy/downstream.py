@@ -62,8 +62,7 @@ class _Rejection:
 class DownstreamProtocol(RequestHandler):
     __slots__ = ("proxy", "loop", "transport", "gate", "client_ip", "_parser", "_timer", "state",
                  "current", "receiving", "queue", "closing", "_wbuf", "out", "_write_paused",
-                 "_closed", "_tunnel", "_refused_head", "_head_deadline", "_next_waits", "_head_waits",
-                 "_flush_pending")
+                 "_closed", "_tunnel", "_refused_head", "_head_deadline", "_next_waits", "_flush_pending")
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
@@ -89,7 +88,6 @@ class DownstreamProtocol(RequestHandler):
         self._refused_head: Exchange | None = None  # refused in on_request_head itself
         self._head_deadline = 0.0  # absolute: the head being read must be complete by then
         self._next_waits = False   # a pipelined request waits for the client to drain
-        self._head_waits = False   # so does the deadline of half a pipelined head
         self._flush_pending = False  # a flush is scheduled for the end of this loop iteration
 
     # -- asyncio.Protocol ------------------------------------------------------------
@@ -168,8 +166,6 @@ class DownstreamProtocol(RequestHandler):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        if self.state is HEAD and self.current is None:  # a response still buffered (exchange_done)
-            self._head_waits = True
         if self.current is not None:
             self.current.pause_upstream_reading()
         self._timer.set(self.loop.time() + self.proxy.client_idle)
@@ -181,10 +177,12 @@ class DownstreamProtocol(RequestHandler):
         if self._next_waits:
             self._next_waits = False
             self._next()
-        if self._head_waits:
-            self._head_waits = False
-            if self.state is HEAD:  # (the head may have been completed meanwhile)
-                self._enter_head()
+        if self.state is HEAD and self.current is None:
+            # A head begun behind a response the client had not read: its client_header
+            # starts now that the client reads (as nginx times the next head once the
+            # response is sent). At most once: with nothing in flight, nothing more is
+            # written to pause on.
+            self._enter_head()
         self._rearm()
 
     # -- codec events ------------------------------------------------------------------
@@ -265,10 +263,8 @@ class DownstreamProtocol(RequestHandler):
                 # client_header starts now that it is its turn (RFC 9112 §9.3.2), not once
                 # more of it arrives. While the client does not read this response, its
                 # stall allowance (client_idle) applies instead, and the head's clock
-                # starts again once it reads (_head_waits): like nginx, which times the
-                # next head once the response is sent.
+                # starts again once it reads (resume_writing).
                 self._enter_head()
-                self._head_waits = self._write_paused
                 self._rearm()
             else:  # idle (_rearm's case, without the call)
                 self.state = IDLE
