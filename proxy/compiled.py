@@ -11,8 +11,6 @@ running, and plain Python on demand.
   `listening` log line says so.
 - `mypyc_attr` comes from mypy_extensions, which the build has (mypy needs it) and a
   running gatewise may not: without it the decorator changes nothing, as for plain Python.
-
-`python proxy/compiled.py` prints the modules' paths (the Makefile rebuilds when one changes).
 """
 
 from __future__ import annotations
@@ -119,6 +117,3 @@ def stale() -> list[str]:
 
 if pure_requested() and not any(isinstance(f, _SourceFirst) for f in sys.meta_path):
     sys.meta_path.insert(0, _SourceFirst())
-
-if __name__ == "__main__":
-    print(" ".join(source_paths()))
